@@ -1,0 +1,14 @@
+// hpctrain._C: the native kernels. Each kernel lives in its own file and registers itself
+// here; every one has a pure-Python twin in hpctrain/native/ that the tests hold it equal to.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+#ifndef HPCTRAIN_VERSION
+#define HPCTRAIN_VERSION "0.0.0"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "hpctrain native kernels (C++17)";
+    m.attr("__version__") = HPCTRAIN_VERSION;
+}
