@@ -1,0 +1,96 @@
+"""The `hpctrain` command: one entry point, subcommands dispatched lazily, no logic of its own.
+
+Each subcommand is a ``module:function`` taking ``argv`` (without the subcommand) and returning an exit
+code. A subcommand whose module is not in this version says so and exits 2; a real ImportError inside an
+existing module propagates (it is a bug or a missing dependency, not a missing feature).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+# name -> (target, one-line help). Order is the order `hpctrain --help` lists them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sft": ("hpctrain.train.entry:run_sft", "supervised fine-tuning in this allocation (torchrun/srun/1 process)"),
+    "pt": ("hpctrain.train.entry:run_pt", "pretraining / continued pretraining in this allocation"),
+    "export": ("hpctrain.checkpoint.export:run", "convert HF <-> mcore checkpoints (--to_mcore / --to_hf)"),
+    "reshard": ("hpctrain.checkpoint.reshard:run", "re-layout a checkpoint offline to another TP/PP (CPU only)"),
+    "plan": ("hpctrain.plan.cli:run", "show the TP x PP x CP x DP layout, rank map and memory estimate"),
+    "submit": ("hpctrain.launch.submit:run", "plan, render the sbatch job and submit it to Slurm"),
+    "infer": ("hpctrain.infer:run", "generate text with a model to check it"),
+    "prep": ("hpctrain.data.prep:run", "tokenize, template and pack datasets into memory-mapped shards"),
+    "doctor": ("hpctrain.doctor:run", "check the environment: torch, CUDA, megatron-core, TE/apex, Slurm"),
+}
+
+EXIT_USAGE = 2
+
+
+def usage() -> str:
+    from hpctrain import __version__
+
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: hpctrain <command> [config.toml] [--key value ...]   (hpctrain {__version__})", "",
+             "Fine-tune and pretrain Hugging Face LLMs with megatron-core on Slurm clusters.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "options:", "  -h, --help     show this help and exit", "  -V, --version  print the version and exit",
+              "", "Config: defaults < config.toml < env (NPROC_PER_NODE, CUDA_VISIBLE_DEVICES) < --flags;",
+              "flags use Megatron-SWIFT names (--lr 1e-5, --tensor_model_parallel_size 2) or dotted ones",
+              "(--train.lr 1e-5). See docs/config.md. `hpctrain <command> --help` for a command's own help."]
+    return "\n".join(lines)
+
+
+def resolve_target(target: str):
+    """The callable behind ``module:function``, or None when this version does not have it."""
+    module_name, _, func_name = target.partition(":")
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ModuleNotFoundError:  # a parent package is missing
+        spec = None
+    if spec is None:
+        return None
+    module = importlib.import_module(module_name)  # real ImportErrors inside propagate
+    return getattr(module, func_name, None)
+
+
+def dispatch(command: str, argv: list[str]) -> int:
+    from hpctrain.config import ConfigError
+
+    func = resolve_target(COMMANDS[command][0])
+    if func is None:
+        print(f"hpctrain {command}: not available in this version", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        code = func(argv)
+    except ConfigError as err:
+        print(f"hpctrain {command}: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"hpctrain {command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else EXIT_USAGE
+    if argv[0] in ("-V", "--version"):
+        from hpctrain import __version__
+
+        print(f"hpctrain {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        guess = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" Did you mean '{guess[0]}'?" if guess else ""
+        print(f"hpctrain: unknown command '{command}'.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_USAGE
+    return dispatch(command, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

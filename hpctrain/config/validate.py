@@ -1,0 +1,155 @@
+"""Whole-config checks after resolve(): types, choices, unsupported features, ranges and contradictions.
+
+Every message names the key(s), the offending value(s) and what to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from hpctrain.config.coerce import coerce
+from hpctrain.config.errors import ConfigError
+from hpctrain.config.fields import field_default, field_unsupported
+from hpctrain.config.job import JobConfig
+from hpctrain.config.sections import SECTIONS
+
+TRAIN_MODES = ("sft", "pt")
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}(:\d{1,2})?)?|UNLIMITED|INFINITE)$")
+
+
+def _check_fields(cfg: JobConfig) -> None:
+    """Each value has its declared type and one of its choices; unsupported features stay at default."""
+    for sec in SECTIONS:
+        obj = getattr(cfg, sec)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            where = f"config key '{sec}.{f.name}'"
+            coerce(sec, f.name, value, where=where)  # raises on a wrong type or a value outside the choices
+            if field_unsupported(f) and value != field_default(f):
+                raise ConfigError(f"{where} = {value!r}: not supported in this version of hpctrain "
+                                  f"(only the default {field_default(f)!r} is); remove it from the config")
+
+
+# (key, lowest allowed value); None values are skipped (unset optional keys).
+_LOWER_BOUNDS = {
+    "train.micro_batch_size": 1, "train.global_batch_size": 1, "train.train_iters": 1, "train.max_epochs": 1,
+    "train.lr_warmup_iters": 0, "train.lr_decay_iters": 1, "train.recompute_num_layers": 1,
+    "train.manual_gc_interval": 0, "parallel.tensor_model_parallel_size": 1,
+    "parallel.pipeline_model_parallel_size": 1, "parallel.context_parallel_size": 1,
+    "parallel.virtual_pipeline_model_parallel_size": 1, "checkpoint.save_interval": 1, "log.log_interval": 1,
+    "eval.eval_interval": 1, "data.num_workers": 0, "data.dataset_num_proc": 1, "data.max_length": 1,
+    "data.packing_length": 1, "data.seq_length": 1, "launch.nproc_per_node": 1, "slurm.nodes": 1,
+    "slurm.gpus_per_node": 1, "slurm.max_requeue": 0, "slurm.signal_before_s": 0,
+}
+
+
+def _value(cfg: JobConfig, key: str):
+    sec, name = key.split(".")
+    return getattr(getattr(cfg, sec), name)
+
+
+def _positive(cfg: JobConfig) -> None:
+    for key, low in _LOWER_BOUNDS.items():
+        value = _value(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"config key '{key}' = {value}: must be >= {low}")
+    for key, value in [("train.lr", cfg.train.lr), ("train.min_lr", cfg.train.min_lr),
+                       ("optim.weight_decay", cfg.optim.weight_decay), ("optim.clip_grad", cfg.optim.clip_grad)]:
+        if value is not None and value < 0:
+            raise ConfigError(f"config key '{key}' = {value}: must be >= 0")
+    for key, value in [("optim.adam_beta1", cfg.optim.adam_beta1), ("optim.adam_beta2", cfg.optim.adam_beta2)]:
+        if not 0 <= value < 1:
+            raise ConfigError(f"config key '{key}' = {value}: must be in [0, 1)")
+    if not 0 <= cfg.data.split_dataset_ratio < 1:
+        raise ConfigError(f"config key 'data.split_dataset_ratio' = {cfg.data.split_dataset_ratio}: must be in [0, 1)")
+    if cfg.train.lr_warmup_fraction is not None and not 0 <= cfg.train.lr_warmup_fraction <= 1:
+        raise ConfigError(f"config key 'train.lr_warmup_fraction' = {cfg.train.lr_warmup_fraction}: must be in [0, 1]")
+
+
+def _recompute(cfg: JobConfig) -> None:
+    t = cfg.train
+    if t.recompute_method is not None and t.recompute_granularity != "full":
+        raise ConfigError(f"train.recompute_method = {t.recompute_method!r} needs train.recompute_granularity = "
+                          f"'full' (it is {t.recompute_granularity!r}): set --recompute_granularity full "
+                          "or drop recompute_method")
+    if t.recompute_num_layers is not None and t.recompute_granularity != "full":
+        raise ConfigError(f"train.recompute_num_layers = {t.recompute_num_layers} needs train.recompute_granularity"
+                          f" = 'full' (it is {t.recompute_granularity!r}): set --recompute_granularity full "
+                          "or drop recompute_num_layers")
+    if t.recompute_granularity == "full" and (t.recompute_method is None or t.recompute_num_layers is None):
+        raise ConfigError("train.recompute_granularity = 'full' needs train.recompute_method ('uniform' or 'block') "
+                          "and train.recompute_num_layers, e.g. --recompute_method uniform --recompute_num_layers 1")
+
+
+def _parallel(cfg: JobConfig) -> None:
+    par = cfg.parallel
+    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
+        raise ConfigError("parallel.sequence_parallel = true needs tensor_model_parallel_size > 1 (it is 1): "
+                          "set --tensor_model_parallel_size 2 or more, or --sequence_parallel false")
+    if par.virtual_pipeline_model_parallel_size is not None and par.pipeline_model_parallel_size == 1:
+        raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
+    for key in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+        if getattr(par, key) is not None and par.pipeline_model_parallel_size == 1:
+            raise ConfigError(f"parallel.{key} needs pipeline_model_parallel_size > 1 (it is 1)")
+    if par.overlap_param_gather and not (par.use_distributed_optimizer and par.overlap_grad_reduce):
+        raise ConfigError("parallel.overlap_param_gather = true needs use_distributed_optimizer = true and "
+                          "overlap_grad_reduce = true")
+    if cfg.optim.optimizer_cpu_offload and not par.use_distributed_optimizer:
+        raise ConfigError("optim.optimizer_cpu_offload = true needs parallel.use_distributed_optimizer = true")
+    la = cfg.launch
+    if la.nproc_per_node is not None and la.cuda_visible_devices:
+        gpus = [g for g in la.cuda_visible_devices.split(",") if g.strip()]
+        if la.nproc_per_node > len(gpus):
+            raise ConfigError(f"NPROC_PER_NODE / launch.nproc_per_node = {la.nproc_per_node} but "
+                              f"CUDA_VISIBLE_DEVICES={la.cuda_visible_devices!r} lists only {len(gpus)} GPU(s)")
+
+
+def _training(cfg: JobConfig) -> None:
+    t, p = cfg.train, cfg.precision
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                          f"train.micro_batch_size ({t.micro_batch_size})")
+    if t.lr_warmup_fraction is not None and t.lr_warmup_iters:
+        raise ConfigError(f"train.lr_warmup_iters ({t.lr_warmup_iters}) and train.lr_warmup_fraction "
+                          f"({t.lr_warmup_fraction}) are both set: keep only one")
+    if t.lr is not None and t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr ({t.min_lr}) is larger than train.lr ({t.lr})")
+    if p.fp16 and p.bf16:
+        raise ConfigError("precision.fp16 and precision.bf16 are both true: choose one")
+    dtype = cfg.model.torch_dtype
+    if dtype and ((p.fp16 and dtype == "bfloat16") or (p.bf16 and dtype == "float16")):
+        raise ConfigError(f"model.torch_dtype = {dtype!r} contradicts precision "
+                          f"{'fp16' if p.fp16 else 'bf16'} = true: make them agree")
+    if t.mode in TRAIN_MODES and cfg.data.streaming and t.train_iters is None:
+        raise ConfigError("data.streaming = true needs train.train_iters (a stream has no length)")
+    for key in ("model_name", "model_author"):
+        names = getattr(cfg.data, key)
+        if names is not None and not 1 <= len(names) <= 2:
+            raise ConfigError(f"data.{key} takes one or two values (Chinese, English), got {len(names)}: {names!r}")
+    for i, ds in enumerate(cfg.data.dataset + cfg.data.val_dataset):
+        if not ds.strip():
+            raise ConfigError(f"data.dataset / val_dataset entry {i} is empty")
+
+
+def _export_and_slurm(cfg: JobConfig) -> None:
+    e = cfg.export
+    if e.to_mcore and e.to_hf:
+        raise ConfigError("export.to_mcore and export.to_hf are both true: convert one way per command")
+    if e.to_mcore and not cfg.model.model:
+        raise ConfigError("export.to_mcore = true needs --model (the HF model directory)")
+    if e.to_hf and not (e.mcore_model or cfg.model.load):
+        raise ConfigError("export.to_hf = true needs --mcore_model (the mcore checkpoint directory)")
+    if cfg.slurm.time is not None and not _SLURM_TIME.match(cfg.slurm.time):
+        raise ConfigError(f"slurm.time = {cfg.slurm.time!r} is not a Slurm time: use minutes, 'HH:MM:SS' "
+                          "or 'D-HH:MM:SS'")
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    """Raise ConfigError for the first problem found; return cfg when it is consistent."""
+    _check_fields(cfg)
+    _positive(cfg)
+    _recompute(cfg)
+    _parallel(cfg)
+    _training(cfg)
+    _export_and_slurm(cfg)
+    return cfg
