@@ -2,6 +2,8 @@
 // here; every one has a pure-Python twin in hpctrain/native/ that the tests hold it equal to.
 #include <pybind11/pybind11.h>
 
+#include "common.h"
+
 namespace py = pybind11;
 
 #ifndef HPCTRAIN_VERSION
@@ -11,4 +13,8 @@ namespace py = pybind11;
 PYBIND11_MODULE(_C, m) {
     m.doc() = "hpctrain native kernels (C++17)";
     m.attr("__version__") = HPCTRAIN_VERSION;
+    hpctrain::register_packing(m);
+    hpctrain::register_batch_index(m);
+    hpctrain::register_pt_index(m);
+    hpctrain::register_relayout(m);
 }
