@@ -1,0 +1,159 @@
+"""Per-GPU memory estimate for one layout (the busiest pipeline stage), in bytes.
+
+Parameters on one GPU (P): each transformer layer has
+    norms        2h (RMSNorm; LayerNorm 4h)          replicated over TP
+    QKV          h * (a + 2g) * d  (+ (a + 2g) * d bias when add_qkv_bias or biased linears)   / tp
+    proj         a * d * h         (+ h bias when biased linears; replicated)                  / tp
+    fc1          h * f * (2 if swiglu else 1) (+ bias)                                         / tp
+    fc2          f * h             (+ h bias when biased linears; replicated)                  / tp
+    qk_layernorm 2d
+with h hidden, a heads, g query groups, d head dim, f ffn hidden size. Stage 0 also holds the
+embedding V*h/tp; the last stage the final norm h and the output layer V*h/tp (when untied, or a
+copy of the tied embedding when pp > 1).
+
+Bytes per parameter (megatron-core DDP keeps fp32 main grads; Adam keeps fp32 master params,
+m and v when training in bf16/fp16):
+    weights  2P (bf16/fp16) or 4P (fp32)
+    grads    4P
+    optim    Adam: 12P mixed precision, 8P fp32; SGD: 8P mixed, 4P fp32;  divided by DP (x CP)
+             with the distributed optimizer (it shards optimizer state over the DP x CP ranks).
+
+Activations per layer per micro-batch, 2-byte values, s = seq_length / cp, b = micro_batch_size,
+t = tp, t_sp = tp with sequence parallel else 1 (after Korthikanti et al. 2022, for GQA + SwiGLU):
+    attention  4sbh/t_sp (norm + QKV inputs) + 2sb(a + 2g)d/t (Q, K, V) + 2sbad/t (proj input)
+               + 5ba s^2/t (scores, softmax, dropout mask) unless the core attention is recomputed
+    mlp        4sbh/t_sp (norm + fc1 inputs) + 2sbf*(2 if swiglu else 1)/t (fc1 out) + 2sbf/t (fc2 in)
+    full recompute keeps only each layer's input 2sbh/t_sp, plus one layer's full activations while it
+    is recomputed (recompute_method "block" with recompute_num_layers k: k layers store inputs only).
+Stage 0 of a pipeline keeps min(pp, micro-batches) micro-batches in flight (1F1B schedule), and the
+last stage holds the logits: 6sbV/t (bf16 logits + fp32 copy for the loss).
+A fixed HEADROOM_GIB (CUDA context, NCCL buffers, allocator fragmentation) is subtracted from the
+GPU's memory before comparing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hpctrain.plan.layout import Batch, Layout, stage_layers
+from hpctrain.plan.shape import ModelShape
+
+GIB = 1024 ** 3
+HEADROOM_GIB = 4.0
+
+
+@dataclass(frozen=True)
+class Training:
+    """Training choices that change memory."""
+
+    dtype_bytes: int = 2                    # 2 for bf16/fp16, 4 for fp32
+    optimizer: str = "adam"
+    use_distributed_optimizer: bool = True
+    recompute_granularity: str | None = "selective"   # None, "selective", "full"
+    recompute_method: str | None = None     # "uniform" or "block" (full recompute)
+    recompute_num_layers: int | None = None
+    recompute_core_attn: bool = True        # selective recompute includes "core_attn"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: int
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    gpu_bytes: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    @property
+    def usable(self) -> int | None:
+        return None if self.gpu_bytes is None else self.gpu_bytes - int(HEADROOM_GIB * GIB)
+
+    @property
+    def fits(self) -> bool:
+        return self.usable is None or self.total <= self.usable
+
+
+def layer_params(s: ModelShape, tp: int) -> int:
+    h, a, g, d, f = s.hidden_size, s.num_attention_heads, s.num_query_groups, s.kv_channels, s.ffn_hidden_size
+    biased = not s.disable_bias_linear
+    norm = 2 * h * (2 if s.normalization == "LayerNorm" else 1)
+    qkv = h * (a + 2 * g) * d + ((a + 2 * g) * d if (s.add_qkv_bias or biased) else 0)
+    proj = a * d * h
+    fc1_out = f * (2 if s.swiglu else 1)
+    fc1 = h * fc1_out + (fc1_out if biased else 0)
+    fc2 = f * h
+    replicated = norm + (2 * h if biased else 0) + (2 * d if s.qk_layernorm else 0)
+    return (qkv + proj + fc1 + fc2) // tp + replicated
+
+
+def stage_params(s: ModelShape, lay: Layout, layers_on_stage: int, first: bool, last: bool) -> int:
+    """Parameters on one GPU of one pipeline stage."""
+    p = layers_on_stage * layer_params(s, lay.tp)
+    emb = s.vocab_size * s.hidden_size // lay.tp
+    if first:
+        p += emb
+    if last:
+        p += s.hidden_size * (2 if s.normalization == "LayerNorm" else 1)
+        if s.untie_embeddings_and_output_weights or lay.pp > 1:
+            p += emb
+    return p
+
+
+def layer_activations(s: ModelShape, lay: Layout, batch: Batch, core_attn_stored: bool) -> int:
+    sq, b = batch.seq_length // lay.cp, batch.micro_batch_size
+    h, a, g, d, f = s.hidden_size, s.num_attention_heads, s.num_query_groups, s.kv_channels, s.ffn_hidden_size
+    t = lay.tp
+    t_sp = t if (batch.sequence_parallel and t > 1) else 1
+    attn = 4 * sq * b * h // t_sp + 2 * sq * b * (a + 2 * g) * d // t + 2 * sq * b * a * d // t
+    if core_attn_stored:
+        attn += 5 * b * a * sq * sq // t
+    mlp = 4 * sq * b * h // t_sp + 2 * sq * b * f * (2 if s.swiglu else 1) // t + 2 * sq * b * f // t
+    return attn + mlp
+
+
+def stage_activations(s: ModelShape, lay: Layout, batch: Batch, tr: Training, layers: int, last: bool) -> int:
+    """Activation bytes of one micro-batch on a stage with ``layers`` transformer layers."""
+    t_sp = lay.tp if (batch.sequence_parallel and lay.tp > 1) else 1
+    sq, b = batch.seq_length // lay.cp, batch.micro_batch_size
+    layer_input = 2 * sq * b * s.hidden_size // t_sp
+    if tr.recompute_granularity == "full":
+        full = layer_activations(s, lay, batch, core_attn_stored=True)
+        k = layers if tr.recompute_method != "block" else min(tr.recompute_num_layers or layers, layers)
+        acts = k * layer_input + (layers - k) * full + full
+    else:
+        selective = tr.recompute_granularity == "selective" and tr.recompute_core_attn
+        acts = layers * layer_activations(s, lay, batch, core_attn_stored=not selective)
+    if last:
+        acts += 6 * sq * b * s.vocab_size // lay.tp
+    return acts
+
+
+def optimizer_bytes_per_param(tr: Training) -> int:
+    mixed = tr.dtype_bytes < 4
+    if tr.optimizer == "adam":
+        return 12 if mixed else 8
+    return 8 if mixed else 4
+
+
+def estimate(s: ModelShape, lay: Layout, batch: Batch, tr: Training, gpu_bytes: int | None = None) -> MemoryEstimate:
+    """Memory of the busiest GPU (max over pipeline stages of weights + grads + optimizer + activations)."""
+    layers = stage_layers(s.num_layers, lay.pp, batch.decoder_first_pipeline_num_layers,
+                          batch.decoder_last_pipeline_num_layers)
+    num_micro = max(1, batch.global_batch_size // max(1, batch.micro_batch_size * lay.dp))
+    best: MemoryEstimate | None = None
+    for i, n in enumerate(layers):
+        first, last = i == 0, i == len(layers) - 1
+        p = stage_params(s, lay, n, first, last)
+        optim = p * optimizer_bytes_per_param(tr)
+        if tr.use_distributed_optimizer:
+            optim //= lay.dp * lay.cp
+        in_flight = min(lay.pp - i, num_micro)   # 1F1B: stage i holds up to pp - i micro-batches
+        acts = in_flight * stage_activations(s, lay, batch, tr, n, last)
+        est = MemoryEstimate(p, p * tr.dtype_bytes, 4 * p, optim, acts, gpu_bytes)
+        if best is None or est.total > best.total:
+            best = est
+    assert best is not None
+    return best

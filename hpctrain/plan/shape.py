@@ -1,0 +1,138 @@
+"""The model shape the planner needs, from an HF config.json and/or explicit [model] fields.
+
+Where the shape comes from (first that exists): cfg.model.model (an HF directory holding
+config.json, or the config.json itself), cfg.model.load (converted mcore checkpoints keep the HF
+config.json in their root). Any [model] field that is set (num_layers, hidden_size, ...) overrides
+the file, so a plan can be made from explicit fields alone.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of a decoder-only transformer as megatron-core's GPTModel builds it."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    kv_channels: int
+    swiglu: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    add_qkv_bias: bool = False
+    disable_bias_linear: bool = True
+    qk_layernorm: bool = False
+    normalization: str = "RMSNorm"
+    source: str = "explicit fields"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "kv_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model shape: {name} must be a positive integer, got {value!r} ({self.source})")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"model shape: num_attention_heads({self.num_attention_heads}) is not a multiple of "
+                             f"num_query_groups({self.num_query_groups}) ({self.source})")
+
+
+# HF config.json key -> ModelShape field (first key present wins).
+_HF_KEYS = {
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "ffn_hidden_size": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    "num_attention_heads": ("num_attention_heads", "n_head"),
+    "num_query_groups": ("num_key_value_heads", "num_query_groups"),
+    "vocab_size": ("vocab_size", "padded_vocab_size"),
+    "kv_channels": ("head_dim", "kv_channels"),
+}
+# [model] config field -> ModelShape field, for explicit overrides.
+_CFG_KEYS = {
+    "num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+    "padded_vocab_size": "vocab_size", "kv_channels": "kv_channels", "swiglu": "swiglu",
+    "untie_embeddings_and_output_weights": "untie_embeddings_and_output_weights",
+    "add_qkv_bias": "add_qkv_bias", "disable_bias_linear": "disable_bias_linear",
+    "qk_layernorm": "qk_layernorm", "normalization": "normalization",
+}
+
+
+def shape_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelShape fields found in an HF config.json dict (derived ones filled by complete_fields)."""
+    out: dict[str, Any] = {}
+    for field, keys in _HF_KEYS.items():
+        for key in keys:
+            if hf.get(key) is not None:
+                out[field] = hf[key]
+                break
+    if "tie_word_embeddings" in hf:
+        out["untie_embeddings_and_output_weights"] = not hf["tie_word_embeddings"]
+    model_type = str(hf.get("model_type", "")).lower()
+    if "attention_bias" in hf:  # Llama-style flag: bias on q, k, v and o
+        out["add_qkv_bias"] = bool(hf["attention_bias"])
+    elif model_type.startswith("qwen2"):
+        out["add_qkv_bias"] = True
+    act = str(hf.get("hidden_act", "silu")).lower()
+    out["swiglu"] = act in ("silu", "swiglu", "swish")
+    if "layer_norm_eps" in hf and "rms_norm_eps" not in hf:
+        out["normalization"] = "LayerNorm"
+    return complete_fields(out)
+
+
+def complete_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Fill derived sizes: query groups = heads (MHA), head dim = hidden / heads, ffn = 4 * hidden."""
+    fields = dict(fields)
+    if fields.get("num_query_groups") is None:
+        fields["num_query_groups"] = fields.get("num_attention_heads")
+    if fields.get("kv_channels") is None and fields.get("hidden_size") and fields.get("num_attention_heads"):
+        fields["kv_channels"] = fields["hidden_size"] // fields["num_attention_heads"]
+    if fields.get("ffn_hidden_size") is None and fields.get("hidden_size"):
+        fields["ffn_hidden_size"] = 4 * fields["hidden_size"]
+    return fields
+
+
+def find_hf_config(model: str | None, load: str | None) -> Path | None:
+    """The config.json that describes the model: in cfg.model.model, else in cfg.model.load."""
+    for where in (model, load):
+        if not where:
+            continue
+        p = Path(where)
+        if p.is_file() and p.name.endswith(".json"):
+            return p
+        if p.is_dir() and (p / "config.json").is_file():
+            return p / "config.json"
+    return None
+
+
+def load_shape(model_cfg: Any) -> ModelShape:
+    """ModelShape from cfg.model: the HF config.json it points at, then explicit field overrides."""
+    fields: dict[str, Any] = {}
+    path = find_hf_config(getattr(model_cfg, "model", None), getattr(model_cfg, "load", None))
+    source = "explicit [model] fields"
+    if path is not None:
+        try:
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read the model's config.json {path}: {e}") from e
+        fields.update(shape_fields_from_hf(hf))
+        source = str(path)
+    for cfg_name, shape_name in _CFG_KEYS.items():
+        value = getattr(model_cfg, cfg_name, None)
+        if value is not None:
+            fields[shape_name] = value
+    fields = complete_fields(fields)
+    missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size") if k not in fields]
+    if missing:
+        where = f"{path} lacks them" if path else (
+            "no config.json found: set [model] model = HF directory, or load = converted mcore checkpoint")
+        raise ValueError(f"cannot plan: model shape unknown ({', '.join(missing)}); {where}, "
+                         f"or give them as [model] fields (num_layers, hidden_size, num_attention_heads, "
+                         f"padded_vocab_size, ...)")
+    return ModelShape(source=source, **fields)
