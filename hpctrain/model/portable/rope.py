@@ -1,0 +1,56 @@
+"""RoPE for packed (`thd`) sequences without per-layer host syncs.
+
+megatron-core 0.16.1's unfused thd RoPE (`rope_utils._apply_rotary_pos_emb_thd`) calls
+`cu_seqlens.tolist()` (a device->host sync) and splits the stream into one tensor per sample, for
+the queries and the keys of every layer: 2 x layers syncs and ~4 x samples x layers small kernels
+per forward, which leaves a GPU idle on small models. Here each token's position inside its sample
+is computed once per micro-batch (cached with the attention's masking plan, see attention._Plan)
+and the rotary table is gathered with one index, so every layer runs the same few kernels with no
+sync. Results are identical to megatron's function (tests/portable/test_portable_rope.py).
+
+`install()` swaps the function in megatron's rope_utils module; PortableAttention calls it, so the
+swap is active whenever the portable spec is used. Per-token frequency tables (freqs with one row per
+token, megatron's "exact mapping" case) are passed through to the original function.
+"""
+from __future__ import annotations
+
+_ORIGINAL = {}
+
+
+def _fast_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False,
+              mscale=1.0, cp_group=None):
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from hpctrain.model.portable.attention import _get_plan
+
+    original = _ORIGINAL["thd"]
+    cp_size = cp_group.size() if cp_group is not None else 1
+    cp_rank = cp_group.rank() if cp_size > 1 else 0
+    total = t.shape[0] * cp_size
+    if freqs.dim() >= 1 and freqs.size(0) == total and cu_seqlens.numel() > 2:
+        return original(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention, mscale,
+                        cp_group)
+    plan = _get_plan(cu_seqlens, total, t.shape[0], cp_size, cp_rank, t.device)
+    pos = plan.positions()
+    return rope_utils._apply_rotary_pos_emb_bshd(
+        t.unsqueeze(1), freqs.index_select(0, pos), rotary_interleaved=rotary_interleaved,
+        multi_latent_attention=multi_latent_attention, mscale=mscale).squeeze(1)
+
+
+def install() -> None:
+    """Use the sync-free thd RoPE in megatron-core (idempotent)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if "thd" not in _ORIGINAL:
+        _ORIGINAL["thd"] = rope_utils._apply_rotary_pos_emb_thd
+        rope_utils._apply_rotary_pos_emb_thd = _fast_thd
+
+
+def original_thd():
+    """megatron-core's own thd RoPE function (for tests)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return _ORIGINAL.get("thd", rope_utils._apply_rotary_pos_emb_thd)
+
+
+__all__ = ["install", "original_thd"]
