@@ -110,9 +110,12 @@ def main(argv=None):
                 if dense:  # same tokens as n/ (t/n)... rows of equal length, plain causal
                     rows = [x.view(n, t // n, *x.shape[1:]).transpose(0, 1) for x in (q, k, v)]
                     o = portable_attention(*rows, qkv_format="sbhd")
+                    # o is [s, b, h, d]: lay the same upstream gradient out the same way.
+                    g = go.view(n, t // n, *go.shape[1:]).transpose(0, 1)
                 else:
                     o = portable_attention(q, k, v, backend=backend, **kw)
-                torch.autograd.grad(o, (q, k, v), go)
+                    g = go
+                torch.autograd.grad(o, (q, k, v), g)
             return run
         result["ms_fwd_bwd"] = {
             "flex_packed": round(_time(fwd_bwd("flex"), device), 3),
