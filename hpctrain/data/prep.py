@@ -1,0 +1,215 @@
+"""`hpctrain prep config.toml`: tokenize + template + pack once into memory-mapped shards.
+
+Layout of ``data.prep_dir``::
+
+    manifest.json   config fingerprint (inputs + hash), counts, skip summary, packing summary
+    train/          tokens.bin, mask.bin, index.npy[, packing.npz]   (see shards.py)
+    valid/          same, when there is a validation split
+
+One process writes everything into ``<prep_dir>.tmp-<pid>``, fsyncs it and renames it into place,
+so a reader sees either no directory or a complete one. Re-running with the same fingerprint
+reuses the shards; a different one is refused with the list of what changed. Training on N
+nodes memory-maps the shards instead of each node re-processing the data.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .errors import DataError
+from .mixing import build_row_plans
+from .options import DataOptions
+from .packing import load_packing, pack_split
+from .pipeline import tokenize_to_shards
+from .shards import PackedDataset, TokenDataset, fsync_path
+from .sources import ALIASES, ASSETS, parse_spec
+from .template import Encoder
+from .tokenizer import tokenizer_files
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+TOKEN_FIELDS = ("mode", "max_length", "truncation_strategy", "system", "model_name", "model_author", "seed",
+                "split_dataset_ratio", "dataset_shuffle", "packing", "strict")
+
+
+def _file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _spec_stamp(raw: str) -> dict:
+    spec = parse_spec(raw)
+    path = spec.path
+    if path in ALIASES and not os.path.exists(path):
+        path = str(ASSETS / ALIASES[path])
+    p = Path(path)
+    if p.is_file():
+        return {"spec": raw, **_file_stamp(p)}
+    if p.is_dir():
+        return {"spec": raw, "files": {str(f.relative_to(p)): _file_stamp(f) for f in sorted(p.rglob("*"))
+                                       if f.is_file()}}
+    return {"spec": raw}
+
+
+def _tokenizer_stamp(source: str | None, tokenizer) -> dict:
+    h = hashlib.sha256()
+    for f in tokenizer_files(source) if source else []:
+        if f.stat().st_size > 64 << 20:  # a GGUF holds the weights too: stamp it instead of hashing it
+            h.update(json.dumps({f.name: _file_stamp(f)}).encode())
+        else:
+            h.update(f.name.encode() + f.read_bytes())
+    h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    h.update(str(len(tokenizer)).encode())
+    # contents only: the same tokenizer named by another path (relative / absolute) still matches
+    return {"sha256": h.hexdigest()}
+
+
+def fingerprint(opts: DataOptions, tokenizer, tokenizer_source: str | None) -> dict:
+    """Everything that affects the tokens, and its hash."""
+    inputs = {"format_version": FORMAT_VERSION,
+              "dataset": [_spec_stamp(s) for s in opts.dataset],
+              "val_dataset": [_spec_stamp(s) for s in opts.val_dataset],
+              "packing_length": opts.capacity if opts.packing else None,
+              "tokenizer": _tokenizer_stamp(tokenizer_source, tokenizer)}
+    inputs.update({k: getattr(opts, k) for k in TOKEN_FIELDS})
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return {"hash": digest, "inputs": inputs}
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_reusable(out_dir: Path, fp: dict) -> bool:
+    """True when out_dir holds shards of this fingerprint; raise when it holds others."""
+    manifest = out_dir / "manifest.json"
+    if not out_dir.exists():
+        return False
+    if not manifest.exists():
+        raise DataError(f"{out_dir} exists but holds no manifest.json (not hpctrain shards, or an interrupted "
+                        "write): remove it or choose another data.prep_dir", "prep")
+    old = json.loads(manifest.read_text(encoding="utf-8"))
+    if old.get("fingerprint", {}).get("hash") == fp["hash"]:
+        return True
+    changed = _changes(old.get("fingerprint", {}).get("inputs", {}), fp["inputs"])
+    raise DataError(f"{out_dir} holds shards prepared with a different config; changed: " + "; ".join(changed)
+                    + ". Use another data.prep_dir, or delete this one to re-prepare.", "prep")
+
+
+def _encoder(opts: DataOptions, tokenizer) -> Encoder:
+    max_len = min(opts.max_length, opts.capacity) if opts.packing else opts.max_length
+    return Encoder(tokenizer, mode=opts.mode, system=opts.system, max_length=max_len,
+                   truncation_strategy=opts.truncation_strategy, model_name=opts.model_name,
+                   model_author=opts.model_author, strict=opts.strict)
+
+
+def prepare(opts: DataOptions, tokenizer, out_dir, tokenizer_source: str | None = None) -> dict:
+    """Write shards for `opts` into out_dir (atomically) unless identical ones exist; return the manifest."""
+    out_dir = Path(out_dir)
+    fp = fingerprint(opts, tokenizer, tokenizer_source)
+    if check_reusable(out_dir, fp):
+        log.info("prep: reusing %s (config hash %s)", out_dir, fp["hash"][:12])
+        return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    t0 = time.time()
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_plan, valid_plan = build_row_plans(opts)
+    encoder = _encoder(opts, tokenizer)
+    manifest = {"fingerprint": fp, "pad_id": pad_id_of(tokenizer), "splits": {}}
+    for name, plan in (("train", train_plan), ("valid", valid_plan)):
+        if plan is None:
+            continue
+        index, tally, stats = tokenize_to_shards(plan, encoder, tmp / name, opts.dataset_num_proc, desc=name)
+        info = {"rows": len(plan), **stats.__dict__, "skipped": tally.to_dict()}
+        _log_summary(name, len(plan), tally, stats, opts)
+        if opts.packing:
+            info["packing"] = pack_split(tmp / name, index[1:] - index[:-1], opts.capacity)
+            log.info("%s: packed %d samples into %d rows of %d tokens (fill %.1f%%)", name, stats.samples,
+                     info["packing"]["bins"], opts.capacity, 100 * info["packing"]["fill_ratio"])
+        manifest["splits"][name] = info
+    manifest["seconds"] = round(time.time() - t0, 2)
+    _write_json(tmp / "manifest.json", manifest)
+    fsync_path(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, out_dir)
+    fsync_path(out_dir.parent)
+    return manifest
+
+
+def _log_summary(name: str, rows: int, tally, stats, opts: DataOptions) -> None:
+    log.info("%s: %s", name, tally.summary(rows))
+    if stats.dropped_too_long:
+        log.info("%s: %d samples longer than max_length=%d dropped (truncation_strategy=delete)",
+                 name, stats.dropped_too_long, opts.max_length)
+    if stats.truncated:
+        log.info("%s: %d samples truncated (%s); %d of them lost every loss token and were dropped", name,
+                 stats.truncated, opts.truncation_strategy, stats.no_loss_after_truncation)
+    log.info("%s: %d samples, %d tokens, %d loss tokens", name, stats.samples, stats.tokens, stats.loss_tokens)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def pad_id_of(tokenizer) -> int:
+    pid = tokenizer.pad_token_id
+    return int(pid if pid is not None else (tokenizer.eos_token_id or 0))
+
+
+def open_prepared(out_dir, packed: bool | None = None):
+    """(train, valid) datasets memory-mapped from a prep directory; valid is None when absent."""
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    pad = int(manifest["pad_id"])
+    packing = manifest["fingerprint"]["inputs"]["packing"] if packed is None else packed
+    out = []
+    for name in ("train", "valid"):
+        if name not in manifest["splits"]:
+            out.append(None)
+            continue
+        base = TokenDataset(out_dir / name, pad)
+        if packing:
+            bins, order, cap = load_packing(out_dir / name)
+            base = PackedDataset(base, bins, order, cap)
+        out.append(base)
+    return out[0], out[1]
+
+
+def run(argv: list[str]) -> int:
+    """`hpctrain prep config.toml [--key value ...]` (mode from --mode sft|pt)."""
+    from hpctrain.config import load_config
+
+    from .tokenizer import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="hpctrain prep", description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="?", help="TOML config (its [data] and [model] sections)")
+    ap.add_argument("--mode", choices=("sft", "pt"), default="sft")
+    args, overrides = ap.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[prep] %(message)s")
+    try:
+        cfg = load_config(args.config, overrides, mode=args.mode)
+        opts = DataOptions.from_config(cfg, mode=args.mode)
+        if not opts.prep_dir:
+            raise DataError("data.prep_dir is not set: say where the shards go (--prep_dir DIR)", "prep")
+        source = cfg.model.model
+        if not source:
+            raise DataError("model.model is not set: prep needs the model's tokenizer (--model HF_DIR|FILE.gguf)",
+                            "prep")
+        manifest = prepare(opts, load_tokenizer(source), opts.prep_dir, source)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"hpctrain prep: error: {e}")
+        return 2
+    for name, info in manifest["splits"].items():
+        print(f"{name}: {info['samples']} samples, {info['tokens']} tokens -> {Path(opts.prep_dir) / name}")
+    print(f"config hash {manifest['fingerprint']['hash'][:12]}")
+    return 0

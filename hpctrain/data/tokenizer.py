@@ -1,0 +1,30 @@
+"""Load the tokenizer of a model given as an HF directory or a GGUF file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def load_tokenizer(model: str):
+    """AutoTokenizer for an HF model directory, or for a ``.gguf`` file (read by transformers+gguf)."""
+    from transformers import AutoTokenizer
+
+    p = Path(model)
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer source {model!r} does not exist; pass an HF model directory "
+                                "or a .gguf file (model.model)")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ValueError(f"{model}: a model file must be .gguf; otherwise pass the HF model directory")
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def tokenizer_files(model: str) -> list[Path]:
+    """The files that define the tokenizer and its chat template (for the prep fingerprint)."""
+    p = Path(model)
+    if p.is_file():
+        return [p]
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+    return [p / n for n in names if os.path.exists(p / n)]
