@@ -1,0 +1,154 @@
+"""HF (safetensors or GGUF) -> megatron-core torch_dist, streaming one tensor chunk at a time.
+
+Output (a checkpoint root, see layout.py)::
+
+    D/latest_checkpointed_iteration.txt   "release" (written last)
+    D/release/                            torch_dist: .metadata, __0_<k>.distcp, metadata.json, common.pt
+    D/config.json, tokenizer files, generation_config.json, args.json
+
+Layer tensors are written one chunk per layer (megatron-core's own layout); each chunk is read from
+the memory-mapped safetensors file, re-laid-out (QKV / gated MLP / vocab padding) and written
+before the next is read, so peak memory is about one layer's largest tensor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpctrain.checkpoint import convert_dcp as cd
+from hpctrain.checkpoint import hf_io, layout
+from hpctrain.model.build import model_args_from_hf
+from hpctrain.model.families import family_by_name
+from hpctrain.model.families.base import Geometry, is_layer_rule, layer_name
+from hpctrain.model.mcore_config import DTYPES
+
+log = logging.getLogger(__name__)
+
+EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
+                       "mlp.linear_fc2")
+IGNORED_HF = ("rotary_emb.inv_freq",)
+
+
+def geometry(args: dict[str, Any]) -> Geometry:
+    return Geometry(num_layers=args["num_layers"], hidden_size=args["hidden_size"],
+                    num_heads=args["num_attention_heads"], num_query_groups=args["num_query_groups"],
+                    head_dim=args["kv_channels"], ffn_hidden_size=args["ffn_hidden_size"],
+                    vocab_size=args["vocab_size"], padded_vocab_size=args["padded_vocab_size"],
+                    tied=not args["untie_embeddings_and_output_weights"])
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse a dir that already holds a checkpoint unless ``overwrite``; then clear it."""
+    if layout.holds_checkpoint(out) or (out.exists() and any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds files (a checkpoint?); pass --overwrite true "
+                                  "to replace it or choose another --output_dir")
+        layout.tracker_path(out).unlink(missing_ok=True)  # first: never looks complete meanwhile
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_names(src, rules, g: Geometry) -> None:
+    need = set()
+    for r in rules:
+        for n in r.hf_names():
+            need.update({layer_name(n, i) for i in range(g.num_layers)} if "*" in n else {n})
+    missing = sorted(need - set(src.names()))
+    if missing:
+        raise KeyError(f"{src.dir}: {len(missing)} tensors the config needs are missing, e.g. "
+                       f"{missing[:3]}; the checkpoint does not match its config.json")
+    extra = [n for n in set(src.names()) - need
+             if not n.endswith(IGNORED_HF) and not (g.tied and n == "lm_head.weight")]
+    if extra:
+        raise KeyError(f"{src.dir}: {len(extra)} tensors have no megatron-core counterpart, e.g. "
+                       f"{sorted(extra)[:3]}; this architecture variant is not supported")
+
+
+def plan_items(src, args: dict[str, Any], dtype: torch.dtype | None) -> list:
+    """The lazy chunks (and per-layer extra-state objects) of the whole model."""
+    fam = family_by_name(args["model_type"])
+    g = geometry(args)
+    rules = fam.active_rules(g.tied)
+    _check_names(src, rules, g)
+    items: list = []
+    for r in rules:
+        layer = is_layer_rule(r)
+        names0 = {n: layer_name(n, 0) for n in r.hf_names()}
+        shape = r.mcore_shape({n: src.shape(n0) for n, n0 in names0.items()}, g)
+        dt = dtype or src.dtype(next(iter(names0.values())))
+
+        def make(i: int | None, r=r, dt=dt):
+            get = (lambda n: src.get(layer_name(n, i))) if i is not None else src.get
+            return r.to_mcore(get, g).to(dt)
+
+        if layer:
+            items += cd.iter_layer_chunks(r.mcore.replace(".*.", "."), shape, dt,
+                                          range(g.num_layers), make)
+        else:
+            items.append(cd.LazyChunk(r.mcore, shape, (0,) * len(shape), shape, dt,
+                                      lambda make=make: make(None)))
+    for m in EXTRA_STATE_MODULES:
+        for i in range(g.num_layers):
+            key = cd.sharded_object_key(f"decoder.layers.{m}._extra_state", (i,), (g.num_layers,))
+            items.append(cd.LazyBytes(key, cd.none_bytes))
+    return items
+
+
+def open_source(model: str, dtype: torch.dtype | None):
+    """(hf_config, tensor source, tokenizer-or-None) for an HF dir or a GGUF file/dir."""
+    gguf = hf_io.find_gguf(model)
+    if gguf is not None:
+        cfg, src, tok = hf_io.load_gguf(gguf, dtype)
+        return cfg, src, tok
+    cfg_path = Path(model) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{model}: no config.json (and no .gguf file); pass an HF model "
+                                "directory or a GGUF file to --model")
+    return json.loads(cfg_path.read_text()), hf_io.HfSafetensors(model), None
+
+
+def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,
+                overwrite: bool = False, progress: bool = True) -> layout.CheckpointRef:
+    """Convert; returns the written checkpoint. The tracker file is written last."""
+    dtype = DTYPES[torch_dtype] if torch_dtype else None
+    cfg, src, tok = open_source(model, dtype)
+    args = model_args_from_hf(cfg, where=f"{model}/config.json")
+    out = Path(output_dir)
+    prepare_output(out, overwrite)
+    items = plan_items(src, args, dtype)
+    bar = _progress(len(items), "to_mcore", progress)
+    cd.write_dcp(out / layout.RELEASE, items, common={}, on_item=lambda it: bar.update(1))
+    bar.close()
+    out_cfg = dict(cfg)
+    dkey = "dtype" if "dtype" in out_cfg else "torch_dtype"  # transformers >= 5 says "dtype"
+    out_cfg[dkey] = str(dtype or items[0].dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True))
+    if tok is not None:
+        tok.save_pretrained(str(out))
+    else:
+        hf_io.copy_tokenizer_files(model, out)
+    (out / "args.json").write_text(json.dumps({"model": args, "source": str(model)}, indent=2,
+                                              sort_keys=True, default=str))
+    layout.write_tracker(out, layout.RELEASE)
+    return layout.require_latest(out)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk")

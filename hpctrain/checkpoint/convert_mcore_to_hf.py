@@ -1,0 +1,89 @@
+"""megatron-core torch_dist -> HF safetensors (sharded + index), config.json, tokenizer.
+
+Works for any checkpoint this project writes (``release`` or ``iter_*``, any TP/PP it was
+trained with: the torch_dist files hold global tensors). Reads one layer's chunk of one tensor at
+a time; the HF shards are flushed every ``max_shard_bytes``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hpctrain.checkpoint import hf_io, layout
+from hpctrain.checkpoint.convert_dcp import DcpReader
+from hpctrain.checkpoint.convert_hf_to_mcore import _progress, geometry, prepare_output
+from hpctrain.model.build import model_args_from_checkpoint
+from hpctrain.model.families import family_by_name
+from hpctrain.model.families.base import is_layer_rule, layer_name
+from hpctrain.model.mcore_config import DTYPES
+
+
+def iter_hf_from_mcore(reader: DcpReader, args: dict, dtype: torch.dtype | None = None,
+                       bar=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs in HF order: embeddings, layer by layer, final norm, lm_head."""
+    fam = family_by_name(args["model_type"])
+    g = geometry(args)
+    rules = fam.active_rules(g.tied)
+    glob = [r for r in rules if not is_layer_rule(r)]
+    per_layer = [r for r in rules if is_layer_rule(r)]
+
+    def emit(tensors: dict[str, torch.Tensor]):
+        for n, t in tensors.items():
+            yield n, (t.to(dtype) if dtype is not None else t)
+
+    def check(key: str, want: tuple) -> None:
+        have = reader.shape(key)
+        if have != want:
+            raise ValueError(f"{reader.path}: {key} has shape {have}, config.json implies {want}; "
+                             "the checkpoint does not belong to this config")
+
+    for r in glob:
+        if r.mcore.startswith("embedding."):
+            yield from emit(r.to_hf(reader.read(r.mcore), g))
+    for i in range(g.num_layers):
+        for r in per_layer:
+            key = r.mcore.replace(".*.", ".")
+            shape = reader.shape(key)
+            if shape[0] != g.num_layers:
+                check(key, (g.num_layers,) + shape[1:])
+            t = reader.read(key, (i,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
+            yield from emit({layer_name(k, i): v for k, v in r.to_hf(t, g).items()})
+        if bar is not None:
+            bar.update(1)
+    for r in glob:
+        if not r.mcore.startswith("embedding."):
+            yield from emit(r.to_hf(reader.read(r.mcore), g))
+
+
+def mcore_to_hf(mcore_model: str, output_dir: str, torch_dtype: str | None = None,
+                overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
+                progress: bool = True) -> Path:
+    """Convert the latest complete checkpoint under ``mcore_model`` to an HF model dir."""
+    ref = layout.require_latest(mcore_model)
+    args = model_args_from_checkpoint(ref.root)
+    reader = DcpReader(ref.path)
+    dtype = DTYPES[torch_dtype] if torch_dtype else None
+    out = Path(output_dir)
+    prepare_output(out, overwrite)
+    bar = _progress(args["num_layers"], "to_hf", progress)
+    hf_io.write_safetensors_shards(out, iter_hf_from_mcore(reader, args, dtype, bar), max_shard_bytes)
+    bar.close()
+    cfg = json.loads((ref.root / "config.json").read_text())
+    emb_dtype = dtype or reader.dtype("embedding.word_embeddings.weight")
+    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(emb_dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    hf_io.copy_tokenizer_files(ref.root, out)
+    if not (out / "generation_config.json").is_file():
+        _write_generation_config(cfg, out)
+    return out
+
+
+def _write_generation_config(cfg: dict, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                          pad_token_id=cfg.get("pad_token_id"))
+    gc.save_pretrained(str(out))

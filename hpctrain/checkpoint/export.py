@@ -1,0 +1,112 @@
+"""``hpctrain export``: HF <-> megatron-core conversion with the seed's (Megatron-SWIFT) flags.
+
+    hpctrain export --model HF_DIR_OR_GGUF --to_mcore true --output_dir D [--torch_dtype bfloat16]
+                    [--test_convert_precision true] [--overwrite true]
+    hpctrain export --mcore_model D --to_hf true --output_dir H [--torch_dtype bfloat16]
+                    [--test_convert_precision true] [--overwrite true]
+
+CPU only; no process group needed (the precision test sets up a one-process gloo group itself).
+HF -> mcore writes ``D/release`` + tracker ``release`` (see layout.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+from hpctrain.model.mcore_config import DTYPES
+
+
+def _bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in ("true", "1", "yes", "y", "on"):
+        return True
+    if s in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpctrain export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="HF model dir, GGUF file, or dir holding one GGUF file")
+    p.add_argument("--mcore_model", help="megatron-core checkpoint dir (release or iter_*)")
+    p.add_argument("--to_mcore", type=_bool, default=False, metavar="BOOL")
+    p.add_argument("--to_hf", type=_bool, default=False, metavar="BOOL")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--torch_dtype", choices=sorted(DTYPES), default=None,
+                   help="weight dtype of the output (default: the input's)")
+    p.add_argument("--test_convert_precision", type=_bool, default=False, metavar="BOOL",
+                   help="compare HF and mcore logits in fp32 after converting; non-zero exit on failure")
+    p.add_argument("--overwrite", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="replace an existing output_dir")
+    p.add_argument("--max_shard_size_gb", type=float, default=5.0, help="HF shard size (to_hf)")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def _precision(hf_dir: str, mcore_dir: str) -> int:
+    from hpctrain.checkpoint.precision import check_precision
+    from hpctrain.train import dist
+
+    try:
+        rep = check_precision(hf_dir, mcore_dir)
+    finally:
+        dist.destroy()
+    print(rep.line(), flush=True)
+    return 0 if rep.ok else 3
+
+
+def run(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    if a.to_mcore == a.to_hf:
+        print("hpctrain export: pass exactly one of --to_mcore true / --to_hf true", file=sys.stderr)
+        return 2
+    try:
+        if a.to_mcore:
+            if not a.model:
+                print("hpctrain export --to_mcore needs --model HF_DIR_OR_GGUF", file=sys.stderr)
+                return 2
+            return _to_mcore(a)
+        if not a.mcore_model:
+            print("hpctrain export --to_hf needs --mcore_model DIR", file=sys.stderr)
+            return 2
+        return _to_hf(a)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"hpctrain export: {e}", file=sys.stderr)
+        return 1
+
+
+def _to_mcore(a) -> int:
+    from hpctrain.checkpoint import hf_io
+    from hpctrain.checkpoint.convert_hf_to_mcore import hf_to_mcore
+
+    ref = hf_to_mcore(a.model, a.output_dir, a.torch_dtype, a.overwrite, not a.no_progress)
+    print(f"wrote megatron-core checkpoint {ref.path} (tracker {ref.root}/latest_checkpointed_iteration.txt)")
+    if not a.test_convert_precision:
+        return 0
+    if hf_io.find_gguf(a.model) is not None:  # the HF side of a GGUF is its HF export
+        from hpctrain.checkpoint.convert_mcore_to_hf import mcore_to_hf
+
+        with tempfile.TemporaryDirectory(prefix="hpctrain-precision-") as tmp:
+            mcore_to_hf(a.output_dir, f"{tmp}/hf", "float32", progress=False)
+            return _precision(f"{tmp}/hf", a.output_dir)
+    return _precision(a.model, a.output_dir)
+
+
+def _to_hf(a) -> int:
+    from hpctrain.checkpoint.convert_mcore_to_hf import mcore_to_hf
+
+    out = mcore_to_hf(a.mcore_model, a.output_dir, a.torch_dtype, a.overwrite,
+                      int(a.max_shard_size_gb * 2**30), not a.no_progress)
+    print(f"wrote HF model {out}")
+    if a.test_convert_precision:
+        return _precision(str(out), a.mcore_model)
+    return 0
+
+
+def main() -> int:
+    return run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

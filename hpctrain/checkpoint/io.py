@@ -1,0 +1,224 @@
+"""Sharded save/load of a training run with megatron-core dist_checkpointing (torch_dist).
+
+Saved under ``<root>/iter_XXXXXXX/`` (hpctrain.checkpoint.layout): the model (key "model", or
+"model0", "model1", ... for virtual pipeline chunks), the optimizer (distributed optimizer state in
+the DP-reshardable form, so a run can resume at another DP size), the LR scheduler, the RNG state
+(one object per (PP, TP) rank, DP ranks are replicas) and the training progress (iteration,
+consumed samples). The tracker file is written by rank 0 after every rank has finished writing
+(barrier), atomically; a save that dies half-way leaves the previous tracker, so the previous
+checkpoint stays the latest, and a directory without tracker entry is never loaded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from hpctrain.checkpoint import layout
+
+log = logging.getLogger(__name__)
+
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainProgress:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _model_sharded(chunks) -> dict:
+    return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _unwrap(c):
+    return getattr(c, "module", c)
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+    return dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                dp=ps.get_data_parallel_world_size())
+
+
+def _rng_object(state=None):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", state, (ps.get_pipeline_model_parallel_world_size(),
+                                               ps.get_tensor_model_parallel_world_size()),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def get_rng_state() -> dict:
+    from megatron.core import tensor_parallel
+    st = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+          "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    from megatron.core import tensor_parallel
+    random.setstate(st["random"])
+    np.random.set_state(st["np"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(st["tracker"])
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a not-yet-stepped Adam its (zero) state incl. ``step``: megatron-core's distributed
+    optimizer builds the loading state dict from the current state and needs ``step`` in it."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+                    st["step"] = torch.tensor(0.0)
+
+
+def _find_step(sd):
+    """Adam's step count from a (nested) optimizer state dict's param_groups, or None."""
+    if isinstance(sd, dict):
+        for g in sd.get("param_groups", []) if isinstance(sd.get("param_groups"), list) else []:
+            if isinstance(g, dict) and "step" in g:
+                return float(g["step"])
+        for v in sd.values():
+            found = _find_step(v)
+            if found is not None:
+                return found
+    elif isinstance(sd, list):
+        for v in sd:
+            found = _find_step(v)
+            if found is not None:
+                return found
+    return None
+
+
+def _restore_adam_steps(optimizer, step) -> None:
+    """Without apex/TE, megatron-core 0.16.1's distributed optimizer restores Adam's ``step`` as one
+    tensor shared by every param (and then loses it to the param-state load): give each param
+    its own tensor with the saved count, as torch's Adam keeps it."""
+    if step is None:
+        return
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for st in inner.state.values():
+            if "step" in st or "exp_avg" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, scheduler=None,
+                    save_optim: bool = True, save_rng: bool = True) -> Path:
+    """Save iteration ``progress.iteration`` under ``root``; returns the iter directory."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    root = Path(root)
+    ckpt = layout.checkpoint_dir(root, progress.iteration)
+    if tdist.get_rank() == 0:
+        latest = layout.complete_checkpoint(root)
+        if ckpt.exists() and (latest is None or latest.path != ckpt):
+            shutil.rmtree(ckpt)  # left over from an interrupted save: never counted as complete
+        ckpt.mkdir(parents=True, exist_ok=latest is not None and latest.path == ckpt)
+    tdist.barrier()
+    state = _model_sharded(chunks)
+    content = {"model": True, "optimizer": False, "rng": False}
+    if save_optim and optimizer is not None:
+        model_sd = _model_sharded(chunks)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
+        state["opt_param_scheduler"] = scheduler.state_dict()
+        content["optimizer"] = True
+    if save_rng:
+        state["rng_state"] = _rng_object(get_rng_state())
+        content["rng"] = True
+    state.update(iteration=progress.iteration, consumed_train_samples=progress.consumed_train_samples,
+                 hpctrain=dict(format=FORMAT_VERSION, content=content, layout=_layout(),
+                               num_model_chunks=len(chunks), extra=progress.extra))
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if hasattr(strategy, "thread_count"):
+        strategy.thread_count = 1
+    dist_checkpointing.save(state, str(ckpt), sharded_strategy=strategy,
+                            content_metadata=OPTIM_METADATA)
+    tdist.barrier()  # every rank's files are written before the checkpoint is declared complete
+    pause = float(os.environ.get("HPCTRAIN_FAULT_PAUSE_BEFORE_TRACKER", "0") or 0)
+    if pause:  # fault-injection hook for the crash test: a window in which the save is incomplete
+        time.sleep(pause)
+    if tdist.get_rank() == 0:
+        layout.write_tracker(root, progress.iteration)
+    tdist.barrier()
+    return ckpt
+
+
+def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool = False,
+                    load_optim: bool = True, load_rng: bool = True, exit_on_missing: bool = True
+                    ) -> TrainProgress | None:
+    """Load the newest complete checkpoint reachable from ``path`` into ``chunks`` (and, unless
+    finetune, the optimizer, scheduler, RNG and progress). Returns None when there is none and
+    ``exit_on_missing`` is False."""
+    from megatron.core import dist_checkpointing
+
+    ref = layout.find_latest(path)
+    if ref is None:
+        if exit_on_missing:
+            layout.require_latest(path)  # raises with the explanation
+        log.warning("no complete checkpoint under %s: starting from scratch", path)
+        return None
+    common = dist_checkpointing.load_common_state_dict(str(ref.path))
+    meta = common.get("hpctrain", {}) if isinstance(common, dict) else {}
+    content = meta.get("content", {"model": True})
+    state = _model_sharded(chunks)
+    want_optim = (not finetune and load_optim and optimizer is not None and content.get("optimizer"))
+    if want_optim:
+        _ensure_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(_model_sharded(chunks), is_loading=True,
+                                                          metadata=OPTIM_METADATA)
+    same_layout = meta.get("layout", {}).get("tp") == _layout()["tp"] and \
+        meta.get("layout", {}).get("pp") == _layout()["pp"]
+    want_rng = not finetune and load_rng and content.get("rng") and same_layout
+    if not finetune and load_rng and content.get("rng") and not same_layout:
+        log.warning("checkpoint was saved at %s, now %s: RNG state not restored", meta.get("layout"), _layout())
+    if want_rng:
+        state["rng_state"] = _rng_object()
+    loaded = dist_checkpointing.load(state, str(ref.path))
+    for i, c in enumerate(chunks):
+        _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+    if want_optim:
+        with torch.no_grad():  # the optimizer load copies into leaf params
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, _find_step(loaded["optimizer"]))
+        if scheduler is not None and "opt_param_scheduler" in common:
+            scheduler.load_state_dict(common["opt_param_scheduler"])
+    elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()  # copy loaded weights into fp32 main params
+    if want_rng:
+        set_rng_state(loaded["rng_state"])
+    if finetune:
+        return TrainProgress(0, 0)
+    return TrainProgress(int(common.get("iteration", ref.iteration)),
+                         int(common.get("consumed_train_samples", 0)), meta.get("extra", {}))

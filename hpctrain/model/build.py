@@ -1,0 +1,83 @@
+"""Build a megatron-core GPTModel for a model family / a converted checkpoint.
+
+The layer-spec choice lives in ONE place, ``select_layer_spec``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from hpctrain.model import mcore_config
+from hpctrain.model.families import family_for
+
+
+def te_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def select_layer_spec(cfg):
+    """The transformer layer spec for a TransformerConfig ``cfg``.
+
+    Transformer Engine's spec when TE is importable and ``cfg.transformer_impl ==
+    "transformer_engine"``; otherwise hpctrain's portable spec (megatron-core's TP linears +
+    SDPA/flex attention with packed sequences and context parallel, SP-capable norms; same
+    checkpoint keys as megatron-core's local spec, see hpctrain/model/portable/spec.py).
+    """
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if getattr(cfg, "transformer_impl", "local") == "transformer_engine" and te_available():
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    from hpctrain.model.portable import get_portable_layer_spec
+
+    return get_portable_layer_spec(qk_layernorm=bool(cfg.qk_layernorm))
+
+
+def model_args_from_hf(hf_config: Mapping[str, Any], *, padded_vocab_size: int | None = None,
+                       divisible_by: int = 128, tp: int = 1, where: str = "config.json") -> dict:
+    """Megatron model arguments of an HF config dict (family picked by its architecture)."""
+    fam = family_for(hf_config, where)
+    args = fam.config_map(hf_config)
+    args["model_type"] = fam.name
+    args["padded_vocab_size"] = padded_vocab_size or mcore_config.padded_vocab(
+        args["vocab_size"], divisible_by, tp)
+    return args
+
+
+def model_args_from_checkpoint(root: str | Path) -> dict:
+    """Model arguments of a converted/trained checkpoint root (its config.json + on-disk vocab)."""
+    from hpctrain.checkpoint import layout
+    from hpctrain.checkpoint.convert_dcp import DcpReader
+
+    root = Path(root)
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: a converted checkpoint keeps the HF "
+                                "config.json in its root (re-run `hpctrain export --to_mcore`)")
+    hf = json.loads(cfg_path.read_text())
+    ref = layout.require_latest(root)
+    emb = DcpReader(ref.path).shape("embedding.word_embeddings.weight")
+    return model_args_from_hf(hf, padded_vocab_size=int(emb[0]), where=str(cfg_path))
+
+
+def build_gpt_model(args: Mapping[str, Any], *, params_dtype: torch.dtype = torch.float32,
+                    pre_process: bool | None = None, post_process: bool | None = None,
+                    sequence_parallel: bool = False, **config_overrides: Any):
+    """A GPTModel for this rank of the initialised megatron-core parallel state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    cfg = mcore_config.transformer_config(args, tp=tp, pp=pp, params_dtype=params_dtype,
+                                          sequence_parallel=sequence_parallel, **config_overrides)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage()
+    model = GPTModel(cfg, select_layer_spec(cfg), pre_process=pre_process,
+                     post_process=post_process, **mcore_config.gpt_model_kwargs(args))
+    return model.to(params_dtype)

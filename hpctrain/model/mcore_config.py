@@ -1,0 +1,80 @@
+"""Megatron model arguments (cfg.model names, from a family's config map) -> megatron-core configs.
+
+``model_args`` is a plain dict with the cfg.model field names (num_layers, hidden_size, ...) plus
+``vocab_size`` (the real vocabulary) and ``padded_vocab_size``. The checkpoint-independent part of
+what GPTModel needs lives here; the parallel sizes come from the caller.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def padded_vocab(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
+    """Megatron's padding: up to a multiple of ``divisible_by * tp``."""
+    m = divisible_by * tp
+    return int(math.ceil(vocab_size / m) * m)
+
+
+def check_tp(args: Mapping[str, Any], tp: int) -> None:
+    """TP must divide heads, query groups, ffn and the padded vocabulary; say which does not."""
+    for key in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size"):
+        n = args.get(key)
+        if n is not None and n % tp:
+            raise ValueError(f"tensor_model_parallel_size={tp} does not divide {key}={n}; "
+                             f"pick a TP that divides {key}")
+
+
+def check_pp(args: Mapping[str, Any], pp: int) -> None:
+    if args["num_layers"] % pp:
+        raise ValueError(f"pipeline_model_parallel_size={pp} does not divide num_layers="
+                         f"{args['num_layers']}; pick a PP that divides it")
+
+
+def transformer_config(args: Mapping[str, Any], *, tp: int = 1, pp: int = 1,
+                       params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                       **overrides: Any):
+    """A megatron-core TransformerConfig for ``args``; ``overrides`` win (any TransformerConfig field)."""
+    from megatron.core.transformer import TransformerConfig
+
+    check_tp(args, tp)
+    check_pp(args, pp)
+    kw: dict[str, Any] = dict(
+        num_layers=args["num_layers"], hidden_size=args["hidden_size"],
+        ffn_hidden_size=args["ffn_hidden_size"], num_attention_heads=args["num_attention_heads"],
+        num_query_groups=args["num_query_groups"], kv_channels=args["kv_channels"],
+        layernorm_epsilon=args["norm_epsilon"], normalization=args.get("normalization", "RMSNorm"),
+        gated_linear_unit=bool(args.get("swiglu", True)), activation_func=torch.nn.functional.silu,
+        add_bias_linear=not args.get("disable_bias_linear", True),
+        add_qkv_bias=bool(args.get("add_qkv_bias", False)),
+        qk_layernorm=bool(args.get("qk_layernorm", False)),
+        hidden_dropout=float(args.get("hidden_dropout") or 0.0),
+        attention_dropout=float(args.get("attention_dropout") or 0.0),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1, params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype, use_cpu_initialization=True,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=False, bias_activation_fusion=False,
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def gpt_model_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
+    """GPTModel keyword arguments besides config/spec/pre/post_process."""
+    rs = args.get("rope_scaling") or None
+    return dict(
+        vocab_size=int(args["padded_vocab_size"]),
+        max_sequence_length=int(args["max_position_embeddings"]),
+        position_embedding_type=args.get("position_embedding_type", "rope"),
+        rotary_percent=float(args.get("rotary_percent", 1.0)),
+        rotary_base=args.get("rotary_base", 10000.0),
+        share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
+        rope_scaling=bool(rs),
+        rope_scaling_factor=float(rs["factor"]) if rs else 8.0,
+    )

@@ -1,0 +1,213 @@
+"""Compatibility layer: megatron-core 0.16.1 on CPU (gloo) and on GPUs without TE/apex.
+
+megatron-core assumes CUDA in a handful of places. Everything this project does to get past
+those assumptions lives here, applied once per process by ``apply(device_type)`` before any
+model, optimizer or checkpoint code runs. Each patch says what breaks and why the patch is safe.
+
+Device-independent patches (applied for "cuda" too):
+
+* ``WrappedTorchNorm`` (the norm of the local spec when TE/apex are absent) asserts that
+  sequence parallelism is off. With SP the norm sees a sequence shard, which is fine for a
+  per-token norm; its weight/bias gradients are then partial sums per TP rank, so we tag them
+  ``sequence_parallel = True`` and megatron-core's ``finalize_model_grads`` all-reduces tagged
+  grads over the TP group (the same treatment TE's norms get).
+* ``CheckpointWithoutOutput.__init__`` sets ``self.fp8 = fp8 is not None``, which is True for
+  the default ``fp8=False``; selective recompute of ``layernorm`` then calls TE's
+  ``activation_recompute_forward`` and raises ``NameError`` without TE. We set the flag to
+  "fp8 requested and TE present".
+
+CPU-only patches (``device_type == "cpu"``):
+
+* ``torch.cuda.current_device()`` raises without CUDA; megatron-core passes its result as a
+  ``device=`` argument (RoPE, p2p, DDP buffers, checkpoint saver). It returns the CPU device.
+* ``torch.cuda.synchronize()`` (schedules, checkpoint saver) becomes a no-op: CPU ops are synchronous.
+* The CUDA RNG tracker (``model_parallel_cuda_manual_seed``, the dropout ``fork``) reads and
+  writes CUDA generator states; the CUDA RNG calls are backed by the CPU default generator, so
+  the tracker's fork/restore semantics hold (one generator plays the device generator's role).
+* Hard-coded ``device="cuda"``, ``.cuda()``, ``.to("cuda")``, ``pin_memory`` (pipeline token
+  counting, clip_grads, optimizer scalars, checkpoint exchange, the local attention's causal
+  mask) are redirected to the CPU by wrapping torch's factory functions and ``Tensor.cuda/to/
+  pin_memory/new_*``. (A ``TorchFunctionMode`` is not enough: it is popped while its own handler
+  runs, so everything inside ``autograd.backward`` - recompute, TP collectives - escapes it.)
+* ``tensor.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers and clip_grads:
+  ``Tensor.type()`` reports CPU tensors under the CUDA type names (``tensor.type()`` with no argument only).
+
+``apply`` is idempotent and refuses a megatron-core version other than the one it was written for
+(set ``HPCTRAIN_COMPAT_ANY_MCORE=1`` to try anyway, with a warning).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MCORE = "0.16.1"
+_applied: set[str] = set()
+
+
+def apply(device_type: str) -> None:
+    """Patch megatron-core for ``device_type`` ("cpu" or "cuda"). Safe to call repeatedly."""
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"compat.apply: device_type must be 'cpu' or 'cuda', got {device_type!r}")
+    _check_mcore_version()
+    if "common" not in _applied:
+        _patch_torch_norm_sequence_parallel()
+        _patch_checkpoint_without_output_fp8()
+        _applied.add("common")
+    if device_type == "cpu" and "cpu" not in _applied:
+        _patch_cuda_runtime_calls()
+        _patch_rng_tracker()
+        _patch_device_placement()
+        _applied.add("cpu")
+
+
+def applied() -> frozenset[str]:
+    """Which patch groups are active in this process ("common", "cpu")."""
+    return frozenset(_applied)
+
+
+def _check_mcore_version() -> None:
+    from megatron.core import package_info
+
+    found = package_info.__version__
+    if found == SUPPORTED_MCORE:
+        return
+    msg = (f"hpctrain.train.compat was written for megatron-core {SUPPORTED_MCORE}, found {found}; "
+           f"its patches may not match. Install megatron-core=={SUPPORTED_MCORE}")
+    if os.environ.get("HPCTRAIN_COMPAT_ANY_MCORE") == "1":
+        warnings.warn(msg + " (continuing: HPCTRAIN_COMPAT_ANY_MCORE=1)")
+        return
+    raise RuntimeError(msg + " or set HPCTRAIN_COMPAT_ANY_MCORE=1 to try anyway.")
+
+
+# ----------------------------------------------------------------------------- device-independent
+def _patch_torch_norm_sequence_parallel() -> None:
+    from megatron.core.transformer import torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+                zero_centered_gamma=False, normalization="LayerNorm"):
+        sp = config.sequence_parallel
+        config.sequence_parallel = False  # only to get past the assert; restored below
+        try:
+            norm = original_new(cls, config, hidden_size, eps, persist_layer_norm,
+                                zero_centered_gamma, normalization)
+        finally:
+            config.sequence_parallel = sp
+        if sp:
+            for p in norm.parameters():
+                # finalize_model_grads all-reduces grads of tagged params over TP.
+                setattr(p, "sequence_parallel", True)
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
+
+
+def _patch_checkpoint_without_output_fp8() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    original_init = mrandom.CheckpointWithoutOutput.__init__
+
+    def __init__(self, fp8=False):
+        original_init(self, fp8)
+        self.fp8 = bool(fp8) and mrandom.HAVE_TE
+
+    mrandom.CheckpointWithoutOutput.__init__ = __init__
+
+
+# ----------------------------------------------------------------------------- CPU only
+def _patch_cuda_runtime_calls() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
+
+
+def _patch_rng_tracker() -> None:
+    """Back the 'CUDA' generator megatron-core uses with the CPU default generator."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, which stays a lazy no-op here.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # bare index = CUDA device
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+    "torch.ByteTensor": "torch.cuda.ByteTensor",
+    "torch.BoolTensor": "torch.cuda.BoolTensor",
+}
+
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "rand", "randn",
+              "randint", "randperm", "linspace", "empty_like", "zeros_like", "ones_like", "full_like",
+              "rand_like", "randn_like", "empty_strided", "eye")
+
+
+def _redirect_kwargs(kwargs: dict) -> dict:
+    if "device" in kwargs and _is_cuda(kwargs["device"]):
+        kwargs["device"] = "cpu"
+    if kwargs.get("pin_memory"):
+        kwargs["pin_memory"] = False
+    return kwargs
+
+
+def _wrap_factory(fn):
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        return fn(*args, **_redirect_kwargs(kwargs))
+    factory._hpctrain_original = fn
+    return factory
+
+
+def _patch_device_placement() -> None:
+    """Module-attribute patches (not a TorchFunctionMode: a mode is popped while its handler runs,
+    so code inside autograd.backward - e.g. recompute, TP backward collectives - would escape it)."""
+    for name in _FACTORIES:
+        setattr(torch, name, _wrap_factory(getattr(torch, name)))
+    T = torch.Tensor
+    orig_to, orig_type = T.to, T.type
+    orig_new = {n: getattr(T, n) for n in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")}
+
+    def to(self, *args, **kwargs):
+        if args and _is_cuda(args[0]):
+            args = ("cpu",) + args[1:]
+        return orig_to(self, *args, **_redirect_kwargs(kwargs))
+
+    def type_(self, *args, **kwargs):
+        name = orig_type(self, *args, **kwargs)
+        return _CUDA_TYPE_NAMES.get(name, name) if not args and not kwargs else name
+
+    T.cuda = lambda self, *a, **k: self
+    T.pin_memory = lambda self, *a, **k: self
+    T.to = functools.wraps(orig_to)(to)
+    T.type = functools.wraps(orig_type)(type_)
+    for n, f in orig_new.items():
+        setattr(T, n, (lambda f: functools.wraps(f)(
+            lambda self, *a, **k: f(self, *a, **_redirect_kwargs(k))))(f))

@@ -1,0 +1,194 @@
+"""`hpctrain sft` / `hpctrain pt`: config -> launch -> data -> training loop.
+
+Launch modes:
+* under torchrun or srun (RANK / SLURM_PROCID in the environment): this process is one rank;
+* started by hand with NPROC_PER_NODE=N > 1 (or --nproc_per_node N): re-launches itself under
+  ``torchrun --nproc_per_node N`` (as the seed's `megatron sft` does) and returns its exit status;
+* otherwise a single process (CPU/gloo when there is no GPU: tests, demos, login-node smoke runs).
+
+Exit codes: 0 done; signals.REQUEUE_EXIT_CODE (42) stopped on SIGTERM/SIGUSR1 after saving
+("requeue me"); 3 non-finite loss/grad norm; 1 other errors. torchrun does not pass the workers'
+exit codes through, so rank 0 also writes its code to $HPCTRAIN_STATUS_FILE when set and the
+self-launching parent returns it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("hpctrain.train")
+
+EXIT_NONFINITE = 3
+
+
+def run_sft(argv: list[str]) -> int:
+    return _run(argv, "sft")
+
+
+def run_pt(argv: list[str]) -> int:
+    return _run(argv, "pt")
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ or ("SLURM_PROCID" in os.environ and int(
+        os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1) > 1)
+
+
+def _run(argv: list[str], mode: str) -> int:
+    from hpctrain.config import config_from_argv
+
+    cfg = config_from_argv(argv, mode=mode)
+    nproc = cfg.launch.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1") or 1)
+    if nproc > 1 and not _under_launcher():
+        return spawn_torchrun(cfg, argv, mode, nproc)
+    return train_from_config(cfg, mode)
+
+
+def spawn_torchrun(cfg, argv: list[str], mode: str, nproc: int) -> int:
+    """Re-run this command under torchrun; no shell: user strings are passed as argv items."""
+    from hpctrain.train.dist import _free_port
+
+    la = cfg.launch
+    # One node and no port given: a free local port (a fixed default collides with other jobs).
+    port = la.master_port or (_free_port() if (la.nnodes or 1) == 1 else 29500)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--nnodes={la.nnodes or 1}", f"--node_rank={la.node_rank or 0}",
+           f"--master_addr={la.master_addr or '127.0.0.1'}", f"--master_port={port}",
+           "-m", "hpctrain.cli", mode, *argv]
+    env = dict(os.environ)
+    env.pop("NPROC_PER_NODE", None)
+    if la.cuda_visible_devices:
+        env["CUDA_VISIBLE_DEVICES"] = la.cuda_visible_devices
+    with tempfile.TemporaryDirectory(prefix="hpctrain-") as tmp:
+        status = Path(tmp) / "status"
+        env["HPCTRAIN_STATUS_FILE"] = str(status)
+        proc = subprocess.Popen(cmd, env=env)
+        # torchrun forwards SIGTERM to its workers but not SIGUSR1: turn either into SIGTERM for it.
+        # (Its grace period before SIGKILL is ~30 s; a save cut short leaves the previous checkpoint.)
+        previous = {s: signal.signal(s, lambda *_: proc.send_signal(signal.SIGTERM))
+                    for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            rc = proc.wait()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if status.is_file():
+            return int(status.read_text().strip() or rc)
+        return rc
+
+
+def _setup_logging(cfg, rank: int) -> None:
+    level = cfg.log.logging_level or ("INFO" if rank == 0 else "WARNING")
+    logging.basicConfig(level=getattr(logging, level), format="[%(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+
+
+def train_from_config(cfg, mode: str) -> int:
+    from hpctrain.train import dist, loop
+    from hpctrain.train.step import NonFiniteError
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    _setup_logging(cfg, rank)
+    code = 1
+    try:
+        source, valid = build_data(cfg, mode)
+        result = loop.run(cfg, source, valid)
+        code = result.exit_code
+        if rank == 0:
+            log.info("training finished at iteration %d; checkpoints in %s", result.iteration, result.save_dir)
+    except NonFiniteError as e:
+        log.error("%s", e)
+        code = EXIT_NONFINITE
+    finally:
+        _write_status(rank, code)
+        dist.destroy()
+    return code
+
+
+def _write_status(rank: int, code: int) -> None:
+    path = os.environ.get("HPCTRAIN_STATUS_FILE")
+    if path and rank == 0:
+        Path(path).write_text(str(code))
+
+
+def tokenizer_source(cfg) -> str:
+    """--model (HF dir or .gguf), else the --load checkpoint root (conversion copies the tokenizer there)."""
+    from hpctrain.train.model_setup import find_hf_config
+
+    if cfg.model.model:
+        return str(cfg.model.model)
+    hf = find_hf_config(cfg)
+    if hf is None:
+        raise ValueError("no tokenizer: pass --model HF_DIR, or --load a checkpoint converted by "
+                         "`hpctrain export` (it holds config.json + tokenizer files)")
+    return str(hf.parent)
+
+
+class LoaderSource:
+    """Adapts hpctrain.data's MicroBatchLoader to the loop's batch-source protocol."""
+
+    def __init__(self, dataset, cfg, packed: bool, pad_multiple: int):
+        self.dataset, self.cfg, self.packed, self.pad = dataset, cfg, packed, pad_multiple
+        self.num_samples = len(dataset)
+        self._it, self._next = None, None
+
+    def _loader(self, consumed: int, mbs: int):
+        from megatron.core import parallel_state as ps
+
+        from hpctrain.data import MicroBatchLoader
+        return iter(MicroBatchLoader(self.dataset, mbs, ps.get_data_parallel_rank(),
+                                     ps.get_data_parallel_world_size(), self.cfg.data.data_seed,
+                                     consumed_samples=consumed, pad_to_multiple=self.pad,
+                                     shuffle=self.cfg.data.train_dataloader_shuffle))
+
+    def __call__(self, consumed: int, n_micro: int, mbs: int):
+        from megatron.core import parallel_state as ps
+        if self._it is None or self._next != consumed:
+            self._it = self._loader(consumed, mbs)
+        out = [next(self._it) for _ in range(n_micro)]
+        self._next = consumed + n_micro * mbs * ps.get_data_parallel_world_size()
+        return out
+
+    def valid(self, n_micro: int | None, mbs: int):
+        it = self._loader(0, mbs)
+        n = n_micro or max(1, self.num_samples // (mbs * _dp()))
+        out = []
+        for _ in range(n):
+            try:
+                out.append(next(it))
+            except StopIteration:
+                break
+        return out
+
+
+def _dp() -> int:
+    from megatron.core import parallel_state as ps
+    return ps.get_data_parallel_world_size()
+
+
+def build_data(cfg, mode: str):
+    """(train source, valid source or None) from hpctrain.data."""
+    try:
+        from hpctrain.data import MicroBatchLoader, build_train_valid  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"hpctrain.data's loader is not available ({e}); cannot read datasets") from e
+    from hpctrain.train.loop import _pad_multiple
+
+    from hpctrain.data import load_tokenizer
+
+    src = tokenizer_source(cfg)
+    tok = load_tokenizer(src)
+    train_ds, valid_ds = build_train_valid(cfg, tok, mode=mode, tokenizer_source=src)
+    pad = _pad_multiple(cfg)
+    train = LoaderSource(train_ds, cfg, bool(cfg.data.packing), pad)
+    valid = LoaderSource(valid_ds, cfg, bool(cfg.data.packing), pad).valid if valid_ds is not None and \
+        len(valid_ds) else None
+    return train, valid

@@ -1,0 +1,224 @@
+"""The training loop: build, (re)load, step, log, evaluate, save, stop on signal.
+
+Data comes from a *batch source*: ``source(consumed_samples, num_microbatches, micro_batch_size)``
+returns this DP rank's micro-batches (contract-3 dicts) of the global batch that starts at
+``consumed_samples``; its ``num_samples`` attribute (optional) sizes epochs. A resumed run asks for
+the batch at the restored ``consumed_samples``, so the data continues where it stopped.
+A validation source is ``valid(num_microbatches, micro_batch_size)`` -> micro-batches.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as tdist
+
+from hpctrain.checkpoint import layout
+from hpctrain.checkpoint.io import TrainProgress, load_checkpoint, save_checkpoint
+from hpctrain.train import dist, model_setup, optim, step
+from hpctrain.train.logger import TrainLogger
+from hpctrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
+
+log = logging.getLogger("hpctrain.train")
+
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+            "merges.txt", "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja")
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    iteration: int
+    save_dir: str | None
+    losses: list[float]
+    last_checkpoint: str | None
+
+
+def _microbatches_per_step(cfg, dp: int) -> int:
+    t = cfg.train
+    per = t.micro_batch_size * dp
+    if t.global_batch_size % per:
+        raise ValueError(f"global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size "
+                         f"({t.micro_batch_size}) x data-parallel size ({dp}) = {per}")
+    return t.global_batch_size // per
+
+
+def total_iters(cfg, source) -> int:
+    t = cfg.train
+    if t.train_iters:
+        return t.train_iters
+    n = getattr(source, "num_samples", None)
+    if t.max_epochs and n:
+        return max(1, math.ceil(t.max_epochs * n / t.global_batch_size))
+    raise ValueError("set train_iters, or max_epochs with a dataset of known size")
+
+
+def _broadcast_str(s: str | None) -> str | None:
+    obj = [s]
+    tdist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def prepare_save_dir(cfg) -> str | None:
+    """<save>/v<N>-<timestamp> (add_version) made by rank 0; args.json + HF config/tokenizer copied in."""
+    save = cfg.checkpoint.save
+    if not save:
+        return None
+    root = None
+    if tdist.get_rank() == 0:
+        root = str(layout.new_version_dir(save)) if cfg.checkpoint.add_version else save
+        Path(root).mkdir(parents=True, exist_ok=True)
+        _write_args(cfg, Path(root))
+        _copy_hf_files(cfg, Path(root))
+    return _broadcast_str(root)
+
+
+def _write_args(cfg, root: Path) -> None:
+    try:
+        from hpctrain.config import dump_json
+        dump_json(cfg, root / "args.json")
+        return
+    except (ImportError, TypeError, AttributeError):
+        pass
+    data = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    layout.write_atomic(root / "args.json", json.dumps(data, indent=2, default=str))
+
+
+def _copy_hf_files(cfg, root: Path) -> None:
+    src = model_setup.find_hf_config(cfg)
+    if src is None:
+        return
+    for name in HF_FILES:
+        f = src.parent / name
+        if f.is_file() and not (root / name).exists():
+            shutil.copy2(f, root / name)
+
+
+def setup(cfg, info) -> tuple[list, Any, Any]:
+    """Model chunks (DDP-wrapped, on the device), optimizer, TransformerConfig."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    tcfg = model_setup.transformer_config(cfg, info.device.type)
+    chunks = model_setup.build_model_chunks(cfg, tcfg)
+    if info.device.type == "cuda":
+        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    if tcfg.fp16 or tcfg.bf16:
+        chunks = [Float16Module(tcfg, c) for c in chunks]
+    chunks = model_setup.wrap_ddp(cfg, tcfg, chunks)
+    for c in chunks:
+        c.broadcast_params()  # identical DP replicas whatever each rank initialised
+    opt = optim.build_optimizer(cfg, chunks)
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    if cfg.parallel.overlap_param_gather:
+        tcfg.param_sync_func = [c.start_param_sync for c in chunks]
+    if tcfg.fp16:
+        tcfg.grad_scale_func = opt.scale_loss
+    return chunks, opt, tcfg
+
+
+def _pad_multiple(cfg) -> int:
+    p = cfg.parallel
+    m = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    return m * (2 * p.context_parallel_size if p.context_parallel_size > 1 else 1)
+
+
+def run(cfg, source: Callable, valid: Callable | None = None) -> RunResult:
+    """Train; returns exit code 0 (done) or REQUEUE_EXIT_CODE (stopped on a signal after saving)."""
+    info = dist.init_distributed(cfg)
+    p = cfg.parallel
+    dp = dist.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                  p.context_parallel_size, p.virtual_pipeline_model_parallel_size,
+                                  seed=cfg.train.seed)
+    if cfg.train.deterministic_mode:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    model_setup.fill_model_fields(cfg)
+    n_micro = _microbatches_per_step(cfg, dp)
+    iters = total_iters(cfg, source)
+    chunks, opt, tcfg = setup(cfg, info)
+    sched = optim.build_scheduler(cfg, opt, iters)
+    progress = TrainProgress()
+    ck = cfg.checkpoint
+    if cfg.model.load:
+        progress = load_checkpoint(cfg.model.load, chunks, opt, sched, finetune=cfg.model.finetune,
+                                   load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
+                                   exit_on_missing=ck.exit_on_missing_checkpoint) or TrainProgress()
+    save_dir = prepare_save_dir(cfg)
+    logger = TrainLogger(cfg, save_dir, info.world_size, info.is_main, iters)
+    try:
+        return _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters,
+                     save_dir, logger)
+    finally:
+        logger.close()
+        if cfg.train.manual_gc:
+            gc.enable()
+
+
+def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters, save_dir, logger):
+    t, ck = cfg.train, cfg.checkpoint
+    same_len = cfg.parallel.pipeline_model_parallel_size > 1
+    pad = _pad_multiple(cfg)
+    stop = StopRequest()
+    if t.manual_gc:
+        gc.disable()
+    eval_every = cfg.eval.eval_interval or ck.save_interval
+    losses, last_ckpt, saved_at = [], None, None
+
+    def save():
+        nonlocal last_ckpt, saved_at
+        if save_dir is None or saved_at == progress.iteration:
+            return
+        if t.manual_gc:
+            gc.collect()
+        last_ckpt = str(save_checkpoint(save_dir, progress, chunks, opt, sched,
+                                        save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng))
+        saved_at = progress.iteration
+        if info.is_main:
+            log.info("saved checkpoint %s", last_ckpt)
+
+    try:
+        while progress.iteration < iters:
+            mbs = source(progress.consumed_train_samples, n_micro, t.micro_batch_size)
+            t0 = time.time()
+            res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len)
+            progress.iteration += 1
+            progress.consumed_train_samples += t.global_batch_size
+            losses.append(res.loss)
+            logger.step(progress.iteration, res, time.time() - t0, mbs[0]["input_ids"].shape[1])
+            if t.manual_gc and t.manual_gc_interval and progress.iteration % t.manual_gc_interval == 0:
+                gc.collect()
+            if valid is not None and eval_every and progress.iteration % eval_every == 0:
+                _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration)
+            if ck.save_interval and progress.iteration % ck.save_interval == 0:
+                save()
+            if stop.should_stop():
+                save()
+                log.warning("stop signal received: saved at iteration %d, exiting with %d (requeue)",
+                            progress.iteration, REQUEUE_EXIT_CODE)
+                return RunResult(REQUEUE_EXIT_CODE, progress.iteration, save_dir, losses, last_ckpt)
+        save()
+        if valid is not None and eval_every and progress.iteration % eval_every != 0:
+            _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration)
+        return RunResult(0, progress.iteration, save_dir, losses, last_ckpt)
+    finally:
+        stop.restore()
+
+
+def _evaluate(cfg, chunks, valid, info, pad, same_len, logger, it):
+    n = cfg.eval.eval_iters
+    mbs = valid(n if n and n > 0 else None, cfg.train.micro_batch_size)
+    if not mbs:
+        return
+    loss, _ = step.eval_step(chunks, mbs, info.device, pad, same_len)
+    logger.eval(it, loss)

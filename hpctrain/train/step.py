@@ -1,0 +1,161 @@
+"""One training / evaluation step: micro-batches through megatron-core's pipeline schedule.
+
+Loss normalisation: the loss function returns the SUM of per-token losses and the token count
+(megatron-core's ``calculate_per_token_loss`` path). The schedule adds up the counts of all
+micro-batches, ``finalize_model_grads`` all-reduces that count over DP and divides the grads by it,
+so the gradient is that of the per-token mean over the whole global batch (not a mean of
+micro-batch means) - the same for any split into micro-batches, DP ranks or packed rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as tdist
+
+IGNORE = -100
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or grad norm is NaN/inf; the message names the iteration."""
+
+
+@dataclass
+class StepResult:
+    loss: float            # per-token mean over the global batch
+    tokens: int            # trained (loss) tokens in the global batch
+    seq_tokens: int        # all token positions processed (this DP rank x DP size)
+    grad_norm: float | None
+    update_ok: bool
+    lr: float
+
+
+def pad_microbatches(mbs: list[dict], multiple: int, same_length: bool) -> list[dict]:
+    """Right-pad each micro-batch (labels -100) to a multiple of ``multiple`` and, for pipeline
+    parallelism (fixed p2p shapes), all to the same length."""
+    target = max(b["input_ids"].shape[1] for b in mbs) if same_length else None
+    out = []
+    for b in mbs:
+        s = b["input_ids"].shape[1]
+        t = target if target is not None else s
+        t = -(-t // multiple) * multiple
+        if t == s:
+            out.append(b)
+            continue
+        pad = t - s
+        nb = dict(b)
+        nb["input_ids"] = torch.nn.functional.pad(b["input_ids"], (0, pad), value=0)
+        nb["labels"] = torch.nn.functional.pad(b["labels"], (0, pad), value=IGNORE)
+        last = b["position_ids"][:, -1:]
+        nb["position_ids"] = torch.cat([b["position_ids"], last + 1 + torch.arange(pad).expand(
+            b["position_ids"].shape[0], pad)], dim=1)
+        nb.pop("cu_seqlens", None)  # rebuilt from position_ids when needed
+        nb["packed"] = b.get("packed", "cu_seqlens" in b)
+        out.append(nb)
+    return out
+
+
+def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool, True = masked: causal within each sample of a packed row (a new sample
+    starts where position_ids restarts at 0)."""
+    seg = torch.cumsum((position_ids == 0).to(torch.int32), dim=1)
+    same = seg[:, :, None] == seg[:, None, :]
+    s = position_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return ~(same & causal)[:, None]
+
+
+def _to_device(b: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+def forward_step(device, data_iterator, model):
+    """megatron-core forward_step_func: returns (output, loss_func)."""
+    b = _to_device(next(data_iterator), device)
+    labels = b["labels"]
+    mask = None
+    if b.get("packed") or "cu_seqlens" in b:
+        mask = packed_attention_mask(b["position_ids"]).to(device)
+    loss_mask = labels != IGNORE
+    out = model(b["input_ids"], b["position_ids"], mask, labels=labels.masked_fill(~loss_mask, 0))
+    return out, partial(loss_func, loss_mask)
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float() * loss_mask.float()
+    loss_sum = losses.sum()
+    n = loss_mask.sum().to(torch.int)
+    # clone: the schedule divides the returned loss in place (it shares storage with a detach()).
+    report = torch.stack([loss_sum.detach().clone(), n.detach().float()])
+    return loss_sum, n, {"lm loss": report}
+
+
+def reduce_losses(losses: list[dict]) -> tuple[float, int]:
+    """Global per-token mean: sum (loss, tokens) over micro-batches, then over every rank that holds
+    a distinct copy (last PP stage, TP rank 0, CP rank 0; all DP ranks)."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64)
+    owner = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+             and ps.get_context_parallel_rank() == 0)
+    if owner:
+        for d in losses:
+            total += d["lm loss"].detach().to("cpu", torch.float64)
+    dev = "cuda" if torch.cuda.is_available() and tdist.get_backend() == "nccl" else "cpu"
+    total = total.to(dev)
+    tdist.all_reduce(total)
+    loss_sum, tokens = float(total[0]), int(total[1])
+    return (loss_sum / tokens if tokens else float("nan")), tokens
+
+
+def _run_schedule(chunks, microbatches, device, forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iters = [iter(list(microbatches)) for _ in chunks]
+    first = microbatches[0]["input_ids"]
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, device),
+        data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches), seq_length=first.shape[1],
+        micro_batch_size=first.shape[0], forward_only=forward_only)
+
+
+def train_step(chunks, optimizer, scheduler, microbatches, device, iteration: int, pad_multiple: int,
+               same_length: bool) -> StepResult:
+    """Forward+backward over the global batch's micro-batches, then one optimizer step."""
+    microbatches = pad_microbatches(microbatches, pad_multiple, same_length)
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = _run_schedule(chunks, microbatches, device, forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]
+    if update_ok:
+        scheduler.step(increment=1)
+    loss, tokens = reduce_losses(losses)
+    seq = sum(b["input_ids"].numel() for b in microbatches)
+    from megatron.core import parallel_state as ps
+    seq *= ps.get_data_parallel_world_size()
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"iteration {iteration}: loss is {loss} (non-finite); stopping. "
+                             "The last good checkpoint stays the latest.")
+    if update_ok and grad_norm is not None and not math.isfinite(grad_norm):
+        raise NonFiniteError(f"iteration {iteration}: grad norm is {grad_norm} (non-finite); stopping. "
+                             "The last good checkpoint stays the latest.")
+    return StepResult(loss, tokens, seq, grad_norm, bool(update_ok), lr)
+
+
+@torch.no_grad()
+def eval_step(chunks, microbatches, device, pad_multiple: int, same_length: bool) -> tuple[float, int]:
+    microbatches = pad_microbatches(microbatches, pad_multiple, same_length)
+    for c in chunks:
+        c.eval()
+    try:
+        losses = _run_schedule(chunks, microbatches, device, forward_only=True)
+    finally:
+        for c in chunks:
+            c.train()
+    return reduce_losses(losses)

@@ -1,0 +1,90 @@
+"""Fast unit tests of the trainer's pure pieces (no process group)."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hpctrain.train import dist
+from hpctrain.train.step import IGNORE, pad_microbatches, packed_attention_mask
+
+
+def test_packed_attention_mask_is_block_diagonal_causal():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    m = packed_attention_mask(pos)[0, 0]  # True = masked
+    allowed = ~m
+    expect = torch.zeros(6, 6, dtype=torch.bool)
+    for a, b in ((0, 3), (3, 5), (5, 6)):
+        expect[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    assert torch.equal(allowed, expect)
+
+
+def test_pad_microbatches_pads_labels_with_ignore_and_keeps_tokens():
+    mb = [dict(input_ids=torch.arange(5).view(1, 5), labels=torch.arange(5).view(1, 5),
+               position_ids=torch.arange(5).view(1, 5)),
+          dict(input_ids=torch.arange(7).view(1, 7), labels=torch.arange(7).view(1, 7),
+               position_ids=torch.arange(7).view(1, 7))]
+    out = pad_microbatches(mb, multiple=4, same_length=True)
+    assert [b["input_ids"].shape[1] for b in out] == [8, 8]
+    assert torch.equal(out[0]["labels"][0, 5:], torch.full((3,), IGNORE))
+    assert torch.equal(out[0]["input_ids"][0, :5], torch.arange(5))
+    assert torch.equal(out[0]["position_ids"][0], torch.arange(8))
+    out = pad_microbatches(mb, multiple=2, same_length=False)
+    assert [b["input_ids"].shape[1] for b in out] == [6, 8]
+
+
+def test_rank_env_torchrun_slurm_single(monkeypatch):
+    env = dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", MASTER_ADDR="h1", MASTER_PORT="1234")
+    r = dist.rank_env(env)
+    assert (r["rank"], r["world_size"], r["local_rank"], r["master_addr"], r["master_port"], r["source"]) == \
+        (3, 4, 1, "h1", 1234, "torchrun")
+    env = dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_ID="777", MASTER_ADDR="n1")
+    r = dist.rank_env(env)
+    assert (r["rank"], r["world_size"], r["local_rank"], r["master_addr"], r["source"]) == (5, 8, 1, "n1", "slurm")
+    assert r["master_port"] == 20000 + 777
+    r = dist.rank_env({})
+    assert (r["rank"], r["world_size"], r["source"]) == (0, 1, "single") and r["master_port"] > 0
+
+
+def test_rank_env_slurm_without_scontrol_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        dist.rank_env(dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_JOB_NODELIST="n[1-2]"))
+
+
+def test_compat_cpu_patches_in_a_fresh_process():
+    # compat patches torch process-wide, so it is exercised in its own interpreter.
+    code = textwrap.dedent("""
+        import torch
+        from hpctrain.train import compat
+        compat.apply("cpu"); compat.apply("cpu")  # idempotent
+        assert compat.applied() == {"common", "cpu"}
+        t = torch.zeros(3, device="cuda")
+        assert t.device.type == "cpu"
+        assert t.cuda() is t and t.pin_memory() is t
+        assert t.to("cuda").device.type == "cpu"
+        assert t.type() == "torch.cuda.FloatTensor" and t.type(torch.float64).dtype == torch.float64
+        assert torch.cuda.current_device() == torch.device("cpu")
+        torch.cuda.manual_seed(7); a = torch.rand(2)
+        torch.manual_seed(7); b = torch.rand(2)
+        assert torch.equal(a, b)
+        from megatron.core.tensor_parallel import random as r
+        assert r.CheckpointWithoutOutput().fp8 is False
+        print("ok")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_compat_refuses_other_megatron_versions(monkeypatch):
+    from megatron.core import package_info
+
+    from hpctrain.train import compat
+    monkeypatch.setattr(package_info, "__version__", "0.99.0")
+    monkeypatch.delenv("HPCTRAIN_COMPAT_ANY_MCORE", raising=False)
+    with pytest.raises(RuntimeError, match="0.16.1"):
+        compat._check_mcore_version()
+    monkeypatch.setenv("HPCTRAIN_COMPAT_ANY_MCORE", "1")
+    with pytest.warns(UserWarning):
+        compat._check_mcore_version()
