@@ -13,15 +13,15 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from hpctrain.config import parse_bool as _config_bool
 
 
 def parse_bool(text: str) -> bool:
-    low = str(text).strip().lower()
-    if low in {"true", "1", "yes", "on"}:
-        return True
-    if low in {"false", "0", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    """The config's bool syntax (true/false, yes/no, on/off, 1/0) as an argparse type."""
+    try:
+        return _config_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,26 +39,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def locate_model(model: str) -> tuple[Path, dict]:
+    """(directory, from_pretrained kwargs) for an HF dir or a GGUF file; FileNotFoundError saying why not."""
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {model}: no such file or directory (give an HF model directory "
+                                "with config.json, e.g. the --output_dir of `hpctrain export --to_hf`, "
+                                "or a .gguf file)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise FileNotFoundError(f"--model {model}: a file that is not .gguf; give the model's directory instead")
+        return path.parent, {"gguf_file": path.name}
+    if (path / "config.json").exists():
+        return path, {}
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise FileNotFoundError(f"--model {model}: no config.json in this directory and not exactly one "
+                                f".gguf file ({len(ggufs)} found)")
+    return path, {"gguf_file": ggufs[0].name}
+
+
 def load_model_and_tokenizer(model: str, dtype: str = "float32", device: str | None = None):
     """Load an HF model dir, or a GGUF file (transformers dequantises it), with its tokenizer."""
+    path, kwargs = locate_model(model)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"--model {model}: no such file or directory")
-    kwargs = {}
-    if path.is_file() and path.suffix == ".gguf":
-        kwargs["gguf_file"] = path.name
-        path = path.parent
-    elif path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise FileNotFoundError(f"--model {model}: no config.json and not exactly one .gguf file inside")
-        kwargs["gguf_file"] = ggufs[0].name
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     torch_dtype = getattr(torch, dtype)
-    mdl = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, **kwargs)
+    mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return mdl.to(device).eval(), tok
 
@@ -68,14 +77,28 @@ def _messages(query: str, system: str | None) -> list[dict]:
     return msgs + [{"role": "user", "content": query}]
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"hpctrain infer: warning: {message}", file=sys.stderr, flush=True)
+
+
 def generate(model, tokenizer, query: str, *, system=None, temperature=0.0, top_p=1.0,
              max_new_tokens=512, stream=False) -> Iterator[str]:
     """Yield the answer's text: piece by piece when streaming, else once."""
     import torch
     from transformers import TextIteratorStreamer
 
-    ids = tokenizer.apply_chat_template(_messages(query, system), add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(_messages(query, system), add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:  # a base model without a chat template: continue the plain text
+        _warn_once(f"{getattr(tokenizer, 'name_or_path', 'the model')} has no chat template; "
+                   "prompting with the plain text (answers of a chat model will be poor)")
+        ids = tokenizer(((system + "\n") if system else "") + query, return_tensors="pt")
     ids = {k: v.to(model.device) for k, v in ids.items()}
     gen = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     if temperature > 0:
@@ -115,6 +138,10 @@ def _queries(args) -> Iterator[str]:
     if args.query:
         yield from args.query
     elif sys.stdin.isatty():
+        try:  # line editing + history; also makes input() write its prompt to stdout (not stderr)
+            import readline  # noqa: F401
+        except ImportError:
+            pass
         while True:
             try:
                 line = input("<<< ")
@@ -133,10 +160,11 @@ def _queries(args) -> Iterator[str]:
 
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    import torch
-
-    torch.manual_seed(args.seed)
     try:
+        locate_model(args.model)  # fail fast, before the slow imports
+        import torch
+
+        torch.manual_seed(args.seed)
         model, tok = load_model_and_tokenizer(args.model, args.torch_dtype, args.device)
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"hpctrain infer: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@
 
 See docs/config.md for the syntax and sections.py for every field.
 """
+from hpctrain.config.coerce import parse_bool
 from hpctrain.config.errors import ConfigError
 from hpctrain.config.files import dump_json, dump_toml, read_config, to_toml
 from hpctrain.config.flags import split_argv
@@ -16,7 +17,7 @@ from hpctrain.config.sections import MODEL_FALLBACKS, SECTIONS
 from hpctrain.config.validate import validate
 
 __all__ = [
-    "ConfigError", "JobConfig", "load_config", "config_from_argv", "split_argv", "read_config", "dump_toml",
+    "ConfigError", "JobConfig", "parse_bool", "load_config", "config_from_argv", "split_argv", "read_config", "dump_toml",
     "dump_json", "to_toml", "resolve", "validate", "apply_torch_dtype", "default_backend",
     "default_transformer_impl", "FIELD_SECTION", "MODEL_FALLBACKS", "SECTIONS",
 ]

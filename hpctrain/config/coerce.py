@@ -42,6 +42,16 @@ def split_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def parse_bool(text: Any) -> bool:
+    """true/false (also yes/no, on/off, 1/0, any case) -> bool; ValueError naming the value otherwise."""
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in _TRUE | _FALSE:
+        return low in _TRUE
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def _is_dict(tp: Any) -> bool:
     return tp is dict or typing.get_origin(tp) is dict
 
@@ -86,7 +96,7 @@ def _scalar(value: Any, inner: type, where: str, tp: Any, from_cli: bool) -> Any
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
+            return parse_bool(value)
         raise _fail(where, value, tp, " (use true or false)")
     if inner in (int, float):
         return _number(value, inner, where, tp, from_cli)
