@@ -100,6 +100,10 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         dist = derive_dist_env(os.environ)
         dist["master_addr"] = resolve_host(dist["master_addr"])
+        # One line per task in the job log: where each rank runs and whom it rendezvouses with.
+        print(f"[hpctrain.launch] rank {dist['rank']}/{dist['world_size']} on "
+              f"{os.environ.get('SLURMD_NODENAME', socket.gethostname())} ({self.launcher}): "
+              f"master {dist['master_addr']}:{dist['master_port']}, requeue {self.requeues}", flush=True)
         sig = getattr(signal, "SIG" + self.requeue_signal)
         # The child inherits SIG_IGN for the requeue signal; a trainer installs its own handler.
         self._proc = subprocess.Popen(self.command(dist), env=self.child_env(dist),
