@@ -11,6 +11,10 @@ API for the trainer::
     # {"input_ids": Long[b,s], "labels": Long[b,s] (shifted, -100 = no loss),
     #  "position_ids": Long[b,s], "cu_seqlens": Int32[n+1] (packed only), "num_loss_tokens": int}
 
+pt mode (pretrain.py): documents + EOS are concatenated and cut into windows of seq_length + 1
+tokens across document boundaries (Megatron's GPTDataset index, native); every token is a label;
+with data.packing the windows restart position_ids at document starts and carry cu_seqlens.
+
 `consumed_samples` counts global samples (all DP ranks), so a resumed run passes the number the
 checkpoint recorded and sees exactly the batches it would have seen. One dataset item is one
 sample, or one packed row when data.packing is true (so global_batch_size counts rows then).
@@ -27,9 +31,10 @@ from .loader import MicroBatchLoader
 from .options import DataOptions
 from .packing import collate_packed, collate_padded
 from .prep import open_prepared, prepare
+from .pretrain import PtWindowDataset, collate_windows
 from .template import Encoder, TemplateError
 from .tokenizer import load_tokenizer
 
-__all__ = ["DataError", "DataOptions", "Encoder", "MicroBatchLoader", "SkipTally", "TemplateError",
-           "build_train_valid", "collate_packed", "collate_padded", "load_tokenizer", "open_prepared",
-           "prepare"]
+__all__ = ["DataError", "DataOptions", "Encoder", "MicroBatchLoader", "PtWindowDataset", "SkipTally",
+           "TemplateError", "build_train_valid", "collate_packed", "collate_padded", "collate_windows",
+           "load_tokenizer", "open_prepared", "prepare"]

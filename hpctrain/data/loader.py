@@ -13,13 +13,18 @@ from __future__ import annotations
 import numpy as np
 
 from .packing import collate_packed, collate_padded
+from .pretrain import collate_windows
 
 
 class _Collate:
-    def __init__(self, packed: bool, pad_id: int, pad_to_multiple: int, seq_len):
+    def __init__(self, packed: bool, pad_id: int, pad_to_multiple: int, seq_len, windows: bool = False,
+                 reset: bool = False):
         self.packed, self.pad_id, self.mult, self.seq_len = packed, pad_id, pad_to_multiple, seq_len
+        self.windows, self.reset = windows, reset
 
     def __call__(self, items: list) -> dict:
+        if self.windows:  # pt windows (pretrain.py): fixed length, own label shift
+            return collate_windows(items, self.pad_id, self.mult, self.reset)
         if self.packed:
             return collate_packed(items, self.pad_id, self.mult, self.seq_len)
         return collate_padded(items, self.pad_id, self.mult)
@@ -46,7 +51,9 @@ class MicroBatchLoader:
         if self.packed and not getattr(dataset, "packed", False):
             raise ValueError("packed=True needs a packed dataset (data.packing = true)")
         pad = pad_id if pad_id is not None else getattr(dataset, "pad_id", 0)
-        self.collate = _Collate(self.packed, int(pad), int(pad_to_multiple), seq_len)
+        self.collate = _Collate(self.packed, int(pad), int(pad_to_multiple), seq_len,
+                                windows=getattr(dataset, "windows", False),
+                                reset=getattr(dataset, "reset_at_documents", False))
         self._perm_epoch, self._perm = -1, None
 
     def _sample(self, g: int) -> int:

@@ -45,6 +45,8 @@ class DataOptions:
     """Directory of pre-tokenised shards written by `hpctrain prep`."""
     mode: str = "sft"
     """sft (loss on assistant turns) or pt (loss on every token)."""
+    seq_length: int | None = None
+    """pt mode: window length S (inputs per sample); None = max_length. Unused in sft."""
 
     def __post_init__(self):
         if isinstance(self.dataset, str):
@@ -66,6 +68,11 @@ class DataOptions:
         if self.packing and self.lazy_tokenize:
             raise ValueError("data.packing = true needs the lengths of every sample before training: "
                              "set data.lazy_tokenize = false (or run `hpctrain prep`)")
+        if self.mode == "pt" and self.lazy_tokenize:
+            raise ValueError("pt mode cuts fixed windows across documents, which needs every document's "
+                             "length before training: set data.lazy_tokenize = false (or run `hpctrain prep`)")
+        if self.seq_length is not None and int(self.seq_length) < 1:
+            raise ValueError(f"data.seq_length={self.seq_length}: must be an integer >= 1")
         if self.dataset_num_proc < 1:
             raise ValueError(f"data.dataset_num_proc={self.dataset_num_proc}: must be >= 1")
 
@@ -73,6 +80,11 @@ class DataOptions:
     def capacity(self) -> int:
         """Tokens per packed row."""
         return int(self.packing_length or self.max_length)
+
+    @property
+    def window(self) -> int:
+        """pt mode: tokens of input per window (each window holds window + 1 tokens)."""
+        return int(self.seq_length or self.max_length)
 
     @classmethod
     def from_config(cls, cfg, mode: str = "sft") -> "DataOptions":

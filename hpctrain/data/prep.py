@@ -4,6 +4,7 @@ Layout of ``data.prep_dir``::
 
     manifest.json   config fingerprint (inputs + hash), counts, skip summary, packing summary
     train/          tokens.bin, mask.bin, index.npy[, packing.npz]   (see shards.py)
+                    pt mode: pt_*.npy, the window index, instead of packing.npz (pretrain.py)
     valid/          same, when there is a validation split
 
 One process writes everything into ``<prep_dir>.tmp-<pid>``, fsyncs it and renames it into place,
@@ -27,13 +28,14 @@ from .mixing import build_row_plans
 from .options import DataOptions
 from .packing import load_packing, pack_split
 from .pipeline import tokenize_to_shards
+from .pretrain import PtWindowDataset, write_pt_index
 from .shards import PackedDataset, TokenDataset, fsync_path
 from .sources import ALIASES, ASSETS, parse_spec
 from .template import Encoder
 from .tokenizer import tokenizer_files
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pt mode stores whole documents + a window index
 TOKEN_FIELDS = ("mode", "max_length", "truncation_strategy", "system", "model_name", "model_author", "seed",
                 "split_dataset_ratio", "dataset_shuffle", "packing", "strict")
 
@@ -75,7 +77,8 @@ def fingerprint(opts: DataOptions, tokenizer, tokenizer_source: str | None) -> d
     inputs = {"format_version": FORMAT_VERSION,
               "dataset": [_spec_stamp(s) for s in opts.dataset],
               "val_dataset": [_spec_stamp(s) for s in opts.val_dataset],
-              "packing_length": opts.capacity if opts.packing else None,
+              "packing_length": opts.capacity if opts.packing and opts.mode == "sft" else None,
+              "pt_seq_length": opts.window if opts.mode == "pt" else None,
               "tokenizer": _tokenizer_stamp(tokenizer_source, tokenizer)}
     inputs.update({k: getattr(opts, k) for k in TOKEN_FIELDS})
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -123,17 +126,13 @@ def prepare(opts: DataOptions, tokenizer, out_dir, tokenizer_source: str | None 
     train_plan, valid_plan = build_row_plans(opts)
     encoder = _encoder(opts, tokenizer)
     manifest = {"fingerprint": fp, "pad_id": pad_id_of(tokenizer), "splits": {}}
-    for name, plan in (("train", train_plan), ("valid", valid_plan)):
-        if plan is None:
-            continue
-        index, tally, stats = tokenize_to_shards(plan, encoder, tmp / name, opts.dataset_num_proc, desc=name)
-        info = {"rows": len(plan), **stats.__dict__, "skipped": tally.to_dict()}
-        _log_summary(name, len(plan), tally, stats, opts)
-        if opts.packing:
-            info["packing"] = pack_split(tmp / name, index[1:] - index[:-1], opts.capacity)
-            log.info("%s: packed %d samples into %d rows of %d tokens (fill %.1f%%)", name, stats.samples,
-                     info["packing"]["bins"], opts.capacity, 100 * info["packing"]["fill_ratio"])
-        manifest["splits"][name] = info
+    try:
+        for name, plan in (("train", train_plan), ("valid", valid_plan)):
+            if plan is not None:
+                manifest["splits"][name] = _prepare_split(name, plan, encoder, tmp / name, opts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an error leaves no half-written directory behind
+        raise
     manifest["seconds"] = round(time.time() - t0, 2)
     _write_json(tmp / "manifest.json", manifest)
     fsync_path(tmp)
@@ -141,6 +140,32 @@ def prepare(opts: DataOptions, tokenizer, out_dir, tokenizer_source: str | None 
     os.rename(tmp, out_dir)
     fsync_path(out_dir.parent)
     return manifest
+
+
+def _prepare_split(name: str, plan, encoder: Encoder, directory: Path, opts: DataOptions) -> dict:
+    index, tally, stats = tokenize_to_shards(plan, encoder, directory, opts.dataset_num_proc, desc=name)
+    info = {"rows": len(plan), **stats.__dict__, "skipped": tally.to_dict()}
+    _log_summary(name, len(plan), tally, stats, opts)
+    if opts.mode == "pt":
+        info["pt"] = _pt_split(name, directory, index, opts)
+    elif opts.packing:
+        info["packing"] = pack_split(directory, index[1:] - index[:-1], opts.capacity)
+        log.info("%s: packed %d samples into %d rows of %d tokens (fill %.1f%%)", name, stats.samples,
+                 info["packing"]["bins"], opts.capacity, 100 * info["packing"]["fill_ratio"])
+    return info
+
+
+def _pt_split(name: str, directory: Path, index, opts: DataOptions) -> dict:
+    info = write_pt_index(directory, index[1:] - index[:-1], opts.window)
+    if info["windows"] == 0 and name == "train":
+        raise DataError(f"pt: the training documents hold {info['stream_tokens']} tokens, fewer than one window "
+                        f"of seq_length + 1 = {opts.window + 1}: add data or lower data.seq_length / max_length",
+                        "prep")
+    log.info("%s: %d documents, %d tokens -> %d windows of %d+1 tokens per epoch (%d tail tokens unused; "
+             "%s)", name, info["documents"], info["stream_tokens"], info["windows"], opts.window,
+             info["unused_tail_tokens"], "attention reset at document starts" if opts.packing
+             else "attention across documents")
+    return info
 
 
 def _log_summary(name: str, rows: int, tally, stats, opts: DataOptions) -> None:
@@ -167,18 +192,22 @@ def pad_id_of(tokenizer) -> int:
 
 
 def open_prepared(out_dir, packed: bool | None = None):
-    """(train, valid) datasets memory-mapped from a prep directory; valid is None when absent."""
+    """(train, valid) datasets memory-mapped from a prep directory; valid is None when absent.
+    pt mode gives PtWindowDataset (packed: document resets), sft TokenDataset / PackedDataset."""
     out_dir = Path(out_dir)
     manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
     pad = int(manifest["pad_id"])
-    packing = manifest["fingerprint"]["inputs"]["packing"] if packed is None else packed
+    inputs = manifest["fingerprint"]["inputs"]
+    packing = inputs["packing"] if packed is None else packed
     out = []
     for name in ("train", "valid"):
         if name not in manifest["splits"]:
             out.append(None)
             continue
         base = TokenDataset(out_dir / name, pad)
-        if packing:
+        if inputs["mode"] == "pt":  # packing: reset position_ids / attention at document starts
+            base = PtWindowDataset(base, inputs["pt_seq_length"], reset_at_documents=packing)
+        elif packing:
             bins, order, cap = load_packing(out_dir / name)
             base = PackedDataset(base, bins, order, cap)
         out.append(base)

@@ -1,6 +1,6 @@
 """Benchmark `hpctrain prep` against a plain HF `datasets.map` tokenization of the same rows.
 
-    python tools/bench/bench_prep.py --rows 100000 --num-proc 2 [--which ours|hf|both]
+    python tools/bench/bench_prep.py --rows 100000 --num-proc 2 [--which ours|hf|both] [--progress]
 
 Rows: the bundled alpaca-gpt4-en set replicated to --rows ('alpaca_gpt4_en.jsonl#N': whole copies,
 then a seeded remainder). Tokenizer: the Qwen2.5 tokenizer in tests/fixtures. Ours renders with
@@ -50,11 +50,12 @@ def bench_ours(rows: int, num_proc: int, max_length: int) -> dict:
             "packed_rows": tr["packing"]["bins"], "shard_bytes": size, "peak_rss_mib": round(peak_rss_mib())}
 
 
-def bench_hf(rows: int, num_proc: int) -> dict:
+def bench_hf(rows: int, num_proc: int, progress: bool = False) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
-    datasets.disable_progress_bars()
+    if not progress:
+        datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(str(TOK))
     base = datasets.load_dataset("json", data_files=str(EN), split="train", keep_in_memory=True)
     copies, rest = divmod(rows, len(base))
@@ -84,14 +85,18 @@ def main() -> int:
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--which", choices=("ours", "hf", "both"), default="both")
+    ap.add_argument("--progress", action="store_true",
+                    help="HF side: leave the datasets progress bars on (stderr), to follow a long run")
     a = ap.parse_args()
     if a.which == "both":  # each side in a fresh process so peak RSS is its own
         for side in ("ours", "hf"):
             subprocess.check_call([sys.executable, __file__, "--rows", str(a.rows), "--num-proc",
-                                   str(a.num_proc), "--max-length", str(a.max_length), "--which", side])
+                                   str(a.num_proc), "--max-length", str(a.max_length), "--which", side]
+                                  + (["--progress"] if a.progress else []))
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    res = bench_ours(a.rows, a.num_proc, a.max_length) if a.which == "ours" else bench_hf(a.rows, a.num_proc)
+    res = bench_ours(a.rows, a.num_proc, a.max_length) if a.which == "ours" else \
+        bench_hf(a.rows, a.num_proc, a.progress)
     res["load_avg_1m"] = os.getloadavg()[0]
     print(json.dumps(res), flush=True)
     return 0
