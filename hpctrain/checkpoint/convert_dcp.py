@@ -206,12 +206,37 @@ class DcpReader:
         offsets = tuple(offsets) if offsets is not None else (0,) * len(md.size)
         sizes = tuple(sizes) if sizes is not None else tuple(md.size)
         if out is None:
+            whole = self._load_whole_file_chunk(key, offsets, sizes)
+            if whole is not None:
+                return whole
             out = torch.empty(sizes, dtype=md.properties.dtype)
         box = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, md, [box])
         planner = _BoxLoadPlanner(out, offsets)
         self.reader.read_data(LoadPlan(items), planner).wait()
         return out
+
+    def _load_whole_file_chunk(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor | None:
+        """Fast path for a box that is exactly one stored chunk which fills its own file (what
+        ``write_dcp`` writes): ``torch.load`` the file and return its tensor. torch's reader loads
+        the chunk and then copies it into the destination; skipping that copy halves the peak
+        memory and the memcpy traffic of reading a chunk (reshard reads every chunk twice).
+        None when the box is anything else (then the general path reads it)."""
+        info = self.metadata.storage_data.get(MetadataIndex(key, torch.Size(offsets)))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        if not any(tuple(c.offsets) == offsets and tuple(c.sizes) == sizes for c in self.chunks(key)):
+            return None
+        f = self.path / info.relative_path
+        if info.offset != 0 or f.stat().st_size != info.length:
+            return None
+        t = torch.load(f, map_location="cpu", weights_only=True)
+        if tuple(t.shape) != sizes or t.dtype != self.dtype(key):
+            raise ValueError(f"{f}: holds {tuple(t.shape)} {t.dtype}, the metadata says {sizes} "
+                             f"{self.dtype(key)} for {key}: the checkpoint is damaged")
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a larger saved storage: keep only the chunk
+        return t
 
     def read_bytes(self, key: str) -> io.BytesIO:
         md = self.metadata.state_dict_metadata.get(key)

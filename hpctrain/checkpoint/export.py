@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
 from hpctrain.model.mcore_config import DTYPES
 
@@ -44,12 +43,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _precision(hf_dir: str, mcore_dir: str) -> int:
+def _precision(reference: str, mcore_dir: str) -> int:
+    """``reference``: what transformers loads as the ground truth (HF dir or GGUF file)."""
     from hpctrain.checkpoint.precision import check_precision
     from hpctrain.train import dist
 
     try:
-        rep = check_precision(hf_dir, mcore_dir)
+        rep = check_precision(reference, mcore_dir)
     finally:
         dist.destroy()
     print(rep.line(), flush=True)
@@ -77,19 +77,14 @@ def run(argv: list[str]) -> int:
 
 
 def _to_mcore(a) -> int:
-    from hpctrain.checkpoint import hf_io
     from hpctrain.checkpoint.convert_hf_to_mcore import hf_to_mcore
 
     ref = hf_to_mcore(a.model, a.output_dir, a.torch_dtype, a.overwrite, not a.no_progress)
     print(f"wrote megatron-core checkpoint {ref.path} (tracker {ref.root}/latest_checkpointed_iteration.txt)")
     if not a.test_convert_precision:
         return 0
-    if hf_io.find_gguf(a.model) is not None:  # the HF side of a GGUF is its HF export
-        from hpctrain.checkpoint.convert_mcore_to_hf import mcore_to_hf
-
-        with tempfile.TemporaryDirectory(prefix="hpctrain-precision-") as tmp:
-            mcore_to_hf(a.output_dir, f"{tmp}/hf", "float32", progress=False)
-            return _precision(f"{tmp}/hf", a.output_dir)
+    # The reference is the user's input as transformers loads it (a GGUF dequantised in fp32),
+    # never our own mcore -> HF export: that would test the converter against itself.
     return _precision(a.model, a.output_dir)
 
 

@@ -1,7 +1,10 @@
 """The Hugging Face side of conversion: read safetensors (single or indexed), GGUF, write shards.
 
-Reading is lazy: ``HfSafetensors.get(name)`` reads one tensor from its (memory-mapped) file, so a
-converter that asks for tensors one at a time never holds the model.
+Reading is lazy: ``HfSafetensors.get(name)`` reads one tensor from its file with ``pread`` into a
+fresh tensor, so a converter that asks for tensors one at a time never holds the model. (Not a
+memory map: the pages a mapping touches stay in the process's RSS while the file is open, so a
+mmap reader's RSS grows to the size of the shards read - 15 GB for a 7B model - even though the
+kernel could reclaim them; see docs/benchmarks.md, "Checkpoint conversion (7B)".)
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Header sanity: the file holds every byte its header promises (else it is truncated)."""
+def _check_safetensors_file(path: Path) -> tuple[dict, int]:
+    """Header sanity: the file holds every byte its header promises (else it is truncated).
+    Returns (header, offset of the data section)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -40,14 +44,13 @@ def _check_safetensors_file(path: Path) -> None:
     if 8 + n + end > size:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes, tensors need "
                          f"{8 + n + end}); re-download it")
+    return header, 8 + n
 
 
 class HfSafetensors:
     """Tensors of an HF model directory (``model.safetensors`` or an index with shards)."""
 
     def __init__(self, model_dir: str | os.PathLike):
-        from safetensors import safe_open
-
         self.dir = Path(model_dir)
         index = self.dir / INDEX
         if index.is_file():
@@ -61,37 +64,67 @@ class HfSafetensors:
             raise FileNotFoundError(f"{self.dir}: no {SINGLE} or {INDEX}; only safetensors HF "
                                     "checkpoints (or a GGUF file) can be converted")
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        self._headers: dict[str, tuple[dict, int]] = {}
         for f in files:
             p = self.dir / f
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: shard listed in {INDEX} is missing; download it")
-            _check_safetensors_file(p)
-        self._handles = {f: safe_open(str(self.dir / f), framework="pt") for f in files}
+            self._headers[f] = _check_safetensors_file(p)
         if weight_map is None:
-            weight_map = {k: SINGLE for k in self._handles[SINGLE].keys()}
+            weight_map = {k: SINGLE for k in self._headers[SINGLE][0] if k != "__metadata__"}
         self.weight_map = weight_map
+        self._fds: dict[str, int] = {}
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def _slice(self, name: str):
+    def _info(self, name: str) -> dict:
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: tensor {name!r} is not in the checkpoint")
-        return self._handles[self.weight_map[name]].get_slice(name)
+        f = self.weight_map[name]
+        info = self._headers[f][0].get(name)
+        if info is None:
+            raise KeyError(f"{self.dir / f}: tensor {name!r} (listed in {INDEX}) is not in this shard; "
+                           "the index does not match the shards, re-download them")
+        return info
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return tuple(self._info(name)["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        return _ST_DTYPES[self._slice(name).get_dtype()]
+        st = self._info(name)["dtype"]
+        if st not in _ST_DTYPES:
+            raise ValueError(f"{self.dir}: tensor {name!r} has safetensors dtype {st}, which the "
+                             f"converter does not read (supported: {', '.join(sorted(_ST_DTYPES))})")
+        return _ST_DTYPES[st]
 
     def get(self, name: str) -> torch.Tensor:
-        self._slice(name)  # clear error for a missing name
-        return self._handles[self.weight_map[name]].get_tensor(name)
+        info, f = self._info(name), self.weight_map[name]
+        t = torch.empty(self.shape(name), dtype=self.dtype(name))
+        start, end = info["data_offsets"]
+        buf = memoryview(t.view(torch.uint8).reshape(-1).numpy())
+        if len(buf) != end - start:
+            raise ValueError(f"{self.dir / f}: tensor {name!r} has {end - start} bytes, its shape and "
+                             f"dtype need {len(buf)}; the file is corrupt, re-download it")
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = self._fds[f] = os.open(self.dir / f, os.O_RDONLY)
+        pos, done = self._headers[f][1] + start, 0
+        while done < len(buf):  # one read returns at most ~2 GiB on Linux
+            n = os.preadv(fd, [buf[done:]], pos + done)
+            if n == 0:
+                raise ValueError(f"{self.dir / f}: file ended inside tensor {name!r}; re-download it")
+            done += n
+        return t
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
 
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class InMemoryTensors:

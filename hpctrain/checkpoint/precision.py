@@ -4,6 +4,10 @@ Both models run in fp32 (CPU, or the GPU when one is present); the report gives 
 absolute logit difference over the real vocabulary (padding columns dropped) and the argmax
 agreement. ``ok`` requires max abs diff < ``MAX_ABS_TOL`` and identical argmax everywhere.
 
+The reference is always the model exactly as transformers loads the user's input: an HF directory,
+or a GGUF file dequantised by transformers in fp32. It is never our own mcore -> HF export of the
+checkpoint under test: comparing against that would only check the converter against itself.
+
 Runs in one process (``hpctrain export ... --test_convert_precision true``) or under torchrun at
 any TP/PP: ``torchrun --nproc_per_node 2 -m hpctrain.checkpoint.precision --hf H --mcore M --tp 2``.
 """
@@ -36,22 +40,52 @@ class PrecisionReport:
     tp: int
     pp: int
     ok: bool
+    reference: str = ""
 
     def line(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
         return (f"precision {verdict}: {self.tokens} tokens, TP={self.tp} PP={self.pp}, mean abs diff "
                 f"{self.mean_abs_diff:.3e}, max abs diff {self.max_abs_diff:.3e} (tol {MAX_ABS_TOL:g}), "
-                f"argmax agreement {self.argmax_agreement:.2%}")
+                f"argmax agreement {self.argmax_agreement:.2%}, reference {self.reference}")
 
 
-def conversation_ids(model_dir: str, vocab_size: int) -> torch.Tensor:
+@dataclass
+class Reference:
+    """Where transformers loads the reference model from: ``path`` (a dir), plus ``gguf_file``
+    (a file name inside it) for GGUF input."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @classmethod
+    def of(cls, model: str) -> "Reference":
+        from hpctrain.checkpoint.hf_io import find_gguf
+
+        gguf = find_gguf(model)
+        if gguf is not None:
+            return cls(str(gguf.parent), gguf.name)
+        if not (Path(model) / "config.json").is_file():
+            raise FileNotFoundError(f"{model}: no config.json and no .gguf file; the precision "
+                                    "reference must be an HF model directory or a GGUF file")
+        return cls(str(model))
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def describe(self) -> str:
+        if self.gguf_file:
+            return f"GGUF {Path(self.path) / self.gguf_file} (dequantised by transformers, fp32)"
+        return f"HF {self.path} (transformers, fp32)"
+
+
+def conversation_ids(ref: Reference, vocab_size: int) -> torch.Tensor:
     """Token ids [1, s] of the chat-templated conversation (ids folded into the model's vocab)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
     except Exception as e:  # no usable tokenizer: a fixed pseudo-random sequence still compares
-        print(f"precision: no tokenizer in {model_dir} ({type(e).__name__}); using fixed ids")
+        print(f"precision: no tokenizer in {ref.describe()} ({type(e).__name__}); using fixed ids")
         return torch.randint(0, vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template(CONVERSATION, tokenize=True)
@@ -61,12 +95,23 @@ def conversation_ids(model_dir: str, vocab_size: int) -> torch.Tensor:
     return torch.tensor([list(ids)], dtype=torch.long) % vocab_size
 
 
-def hf_logits(model_dir: str, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+def load_reference_model(ref: Reference, device: torch.device):
+    """The user's input as transformers loads it (GGUF: dequantised), fp32, eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, **ref.kwargs())
+    return model.to(device).eval()
+
+
+def reference_logits(model_or_gguf: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, fp32 logits) of the reference model on the templated conversation."""
+    ref = Reference.of(model_or_gguf)
+    model = load_reference_model(ref, device)
+    ids = conversation_ids(ref, int(model.config.vocab_size))
     with torch.no_grad():
-        return model(ids.to(device)).logits.float().cpu()
+        logits = model(ids.to(device)).logits.float().cpu()
+    del model
+    return ids, logits
 
 
 def load_mcore_model(mcore_dir: str, device: torch.device):
@@ -105,51 +150,54 @@ def mcore_logits(model, ids: torch.Tensor, device: torch.device) -> torch.Tensor
     return full.float().cpu() if ps.get_tensor_model_parallel_rank() == 0 else None
 
 
-def compare(hf: torch.Tensor, mc: torch.Tensor, tp: int, pp: int) -> PrecisionReport:
+def compare(hf: torch.Tensor, mc: torch.Tensor, tp: int, pp: int, reference: str = "") -> PrecisionReport:
     mc = mc[..., : hf.shape[-1]]
     diff = (hf - mc).abs()
     agree = (hf.argmax(-1) == mc.argmax(-1)).float().mean().item()
     mx = diff.max().item()
     return PrecisionReport(tokens=hf.shape[1], mean_abs_diff=diff.mean().item(), max_abs_diff=mx,
-                           argmax_agreement=agree, tp=tp, pp=pp, ok=mx < MAX_ABS_TOL and agree == 1.0)
+                           argmax_agreement=agree, tp=tp, pp=pp, ok=mx < MAX_ABS_TOL and agree == 1.0,
+                           reference=reference)
 
 
-def check_precision(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1) -> PrecisionReport | None:
-    """Run both models and compare; the report is returned on the rank that computed the
+def check_precision(reference: str, mcore_dir: str, tp: int = 1, pp: int = 1) -> PrecisionReport | None:
+    """Run both models and compare; ``reference`` is the HF dir or GGUF file (or dir holding one)
+    the checkpoint was converted from. The report is returned on the rank that computed the
     megatron-core logits (last PP stage, TP rank 0) and None elsewhere."""
-    return check_many([(hf_dir, mcore_dir)], [(tp, pp)])[0]
+    return check_many([(reference, mcore_dir)], [(tp, pp)])[0]
 
 
 def check_many(pairs: list[tuple[str, str]], layouts: list[tuple[int, int]]) -> list:
-    """Reports for every (HF dir, mcore dir) pair at every (TP, PP) layout, in one process group.
+    """Reports for every (reference, mcore dir) pair at every (TP, PP) layout, in one process group.
+    A reference is an HF model dir or a GGUF file / dir holding one (see ``Reference``).
 
-    All HF models run first, before the process group and hpctrain's megatron-core CPU patches
-    are set up: with those patches active, transformers 5 leaves the rotary ``inv_freq`` buffer
-    uninitialised on load (observed with torch 2.13 / transformers 5.24).
+    All HF models run first, before the process group is set up, so each HF model is freed
+    before the megatron-core copies are built. (An older compat layer replaced torch's factories
+    process-wide and then broke transformers' loading; it is scoped to megatron-core now, and
+    tests/train/test_train_compat.py guards that.)
     """
     from hpctrain.train import dist
 
     device = dist.pick_device("auto", int(os.environ.get("LOCAL_RANK", "0")))
     refs = []
-    for hf_dir, _ in pairs:
-        vocab = int(json.loads((Path(hf_dir) / "config.json").read_text())["vocab_size"])
-        ids = conversation_ids(hf_dir, vocab)
-        refs.append((ids, hf_logits(hf_dir, ids, device)))
+    for model, _ in pairs:
+        refs.append(reference_logits(model, device) + (Reference.of(model).describe(),))
     info = dist.init_distributed({"device": device.type})
     out = []
     for tp, pp in layouts:
         dist.init_model_parallel(tp=tp, pp=pp, seed=1234)
-        for (_, mcore_dir), (ids, ref) in zip(pairs, refs):
+        for (_, mcore_dir), (ids, ref, what) in zip(pairs, refs):
             model, _ = load_mcore_model(mcore_dir, info.device)
             mc = mcore_logits(model, ids, info.device)
-            out.append(None if mc is None else compare(ref, mc, tp, pp))
+            out.append(None if mc is None else compare(ref, mc, tp, pp, what))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpctrain.checkpoint.precision",
                                 description="compare HF and megatron-core logits (fp32)")
-    p.add_argument("--hf", action="append", required=True, help="HF model dir (repeatable)")
+    p.add_argument("--hf", action="append", required=True,
+                   help="reference: HF model dir or GGUF file the checkpoint came from (repeatable)")
     p.add_argument("--mcore", action="append", required=True,
                    help="megatron-core checkpoint dir, one per --hf")
     p.add_argument("--layout", action="append", default=None,

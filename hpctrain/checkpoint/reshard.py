@@ -291,10 +291,14 @@ def verify_legacy(src: legacy.Source, path: Path, tp: int, pp: int) -> None:
     _same_structure(src, out, path)
     if (out.tp, out.pp) != (tp, pp):
         raise RuntimeError(f"verify: {path} holds TP={out.tp} PP={out.pp}, expected TP={tp} PP={pp}")
+    del out  # its memory maps: verification opens one rank file at a time instead
     seen = set()
     for p, layers in enumerate(legacy.stage_layers(src.num_layers, pp)):
         for t in range(tp):
-            for name, v in out.files[(t, p)]["model"].items():
+            # A fresh map per file, dropped after it: pages read from a mapped file count in our
+            # RSS until the map goes, so keeping a stage's TP files open would hold TP rank files.
+            model = legacy.load_rank_file(path / legacy.rank_dir(t, p, pp) / legacy.FILE)["model"]
+            for name, v in model.items():
                 if v is None:
                     continue
                 key, layer = legacy.global_name(name, layers.start)
@@ -303,6 +307,7 @@ def verify_legacy(src: legacy.Source, path: Path, tp: int, pp: int) -> None:
                 if not torch.equal(v, src.get_shard(key, layer, tp, t)):
                     raise RuntimeError(f"verify: {name} of {legacy.rank_dir(t, p, pp)} differs from the source")
                 seen.add((key, layer))
+            del model
     missing = set(src.items()) - seen
     if missing:
         raise RuntimeError(f"verify: {path} lacks {len(missing)} source tensors, e.g. {sorted(missing, key=str)[:3]}")
