@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import random
 import time
 import shutil
@@ -133,6 +134,18 @@ def _restore_adam_steps(optimizer, step) -> None:
                 st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def _in_process_results_queue() -> None:
+    """megatron-core collects the file writers' results through a queue it creates on first use as
+    a spawn-context multiprocessing Manager: one more Python process per rank, which re-imports the
+    launcher's main module (7-20 s for the first save on a busy 2-core host). Our saves are
+    synchronous - the writer runs in this process and only its forked workers need a process queue
+    (megatron makes that one itself) - so a plain in-process queue carries the results."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, scheduler=None,
                     save_optim: bool = True, save_rng: bool = True) -> Path:
     """Save iteration ``progress.iteration`` under ``root``; returns the iter directory."""
@@ -160,6 +173,7 @@ def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, sched
     state.update(iteration=progress.iteration, consumed_train_samples=progress.consumed_train_samples,
                  hpctrain=dict(format=FORMAT_VERSION, content=content, layout=_layout(),
                                num_model_chunks=len(chunks), extra=progress.extra))
+    _in_process_results_queue()
     strategy = get_default_save_sharded_strategy("torch_dist")
     if hasattr(strategy, "thread_count"):
         strategy.thread_count = 1
@@ -173,6 +187,13 @@ def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, sched
         layout.write_tracker(root, progress.iteration)
     tdist.barrier()
     return ckpt
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
 
 
 def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool = False,
@@ -194,12 +215,19 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
     content = meta.get("content", {"model": True})
     state = _model_sharded(chunks)
     want_optim = (not finetune and load_optim and optimizer is not None and content.get("optimizer"))
+    saved_layout = meta.get("layout", {})
+    same_layout = saved_layout.get("tp") == _layout()["tp"] and saved_layout.get("pp") == _layout()["pp"]
+    if want_optim and not same_layout and _is_distributed_optimizer(optimizer):
+        # megatron-core 0.16.1's dp_reshardable buffers follow the TP/PP layout (a DP change is fine);
+        # loading them at another TP/PP dies deep inside with KeyError 'optimizer.distributed...'.
+        raise ValueError(f"{ref.path}: the distributed optimizer state was saved at TP={saved_layout.get('tp')} "
+                         f"PP={saved_layout.get('pp')} and cannot be loaded at TP={_layout()['tp']} "
+                         f"PP={_layout()['pp']}; resume at the saved TP/PP, or pass --no_load_optim true "
+                         "(weights, iteration and schedule are kept; Adam moments restart)")
     if want_optim:
         _ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(_model_sharded(chunks), is_loading=True,
                                                           metadata=OPTIM_METADATA)
-    same_layout = meta.get("layout", {}).get("tp") == _layout()["tp"] and \
-        meta.get("layout", {}).get("pp") == _layout()["pp"]
     want_rng = not finetune and load_rng and content.get("rng") and same_layout
     if not finetune and load_rng and content.get("rng") and not same_layout:
         log.warning("checkpoint was saved at %s, now %s: RNG state not restored", meta.get("layout"), _layout())

@@ -24,11 +24,20 @@ CPU-only patches (``device_type == "cpu"``):
 * The CUDA RNG tracker (``model_parallel_cuda_manual_seed``, the dropout ``fork``) reads and
   writes CUDA generator states; the CUDA RNG calls are backed by the CPU default generator, so
   the tracker's fork/restore semantics hold (one generator plays the device generator's role).
-* Hard-coded ``device="cuda"``, ``.cuda()``, ``.to("cuda")``, ``pin_memory`` (pipeline token
-  counting, clip_grads, optimizer scalars, checkpoint exchange, the local attention's causal
-  mask) are redirected to the CPU by wrapping torch's factory functions and ``Tensor.cuda/to/
-  pin_memory/new_*``. (A ``TorchFunctionMode`` is not enough: it is popped while its own handler
-  runs, so everything inside ``autograd.backward`` - recompute, TP collectives - escapes it.)
+* Hard-coded ``device="cuda"`` in megatron-core's tensor factories (pipeline token counting,
+  clip_grads, optimizer scalars, grad scaler, checkpoint exchange, the local attention's causal
+  mask) is redirected to the CPU, and so are ``.cuda()``, ``.to("cuda")`` and ``pin_memory``.
+  The factories are redirected ONLY for megatron-core: every ``megatron.core.*`` module's global
+  ``torch`` is swapped for a proxy module whose factories turn a CUDA ``device=`` into the CPU
+  (modules imported later get it from an import hook). ``torch.empty`` & co. themselves stay
+  untouched, because torch keys on their identity: ``with torch.device("meta")`` /
+  ``set_default_device`` (``torch.utils._device._device_constructors``), dynamo and inductor.
+  (Replacing them process-wide, as an earlier version did, silently disabled meta-device
+  construction, and transformers' ``from_pretrained`` then left RoPE's ``inv_freq`` as garbage.)
+  Not a ``TorchFunctionMode`` either: a mode is popped while its own handler runs, so
+  everything inside ``Tensor.backward`` - recompute, TP backward collectives - would escape it.
+  The ``Tensor`` method patches stay process-wide; they only change requests for a CUDA device,
+  which cannot succeed on a machine without one anyway.
 * ``tensor.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers and clip_grads:
   ``Tensor.type()`` reports CPU tensors under the CUDA type names (``tensor.type()`` with no argument only).
 
@@ -38,8 +47,11 @@ CPU-only patches (``device_type == "cpu"``):
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import logging
 import os
+import sys
+import types
 import warnings
 
 import torch
@@ -186,11 +198,75 @@ def _wrap_factory(fn):
     return factory
 
 
+class _CpuTorch(types.ModuleType):
+    """``torch`` as megatron-core's modules see it on the CPU: the factories in _FACTORIES turn a
+    CUDA ``device=`` (and ``pin_memory=True``) into the CPU; every other name is torch's own, looked
+    up at each access (so later patches of torch.cuda & co. are seen)."""
+
+    def __init__(self):
+        super().__init__("torch", "torch, with megatron-core's CUDA factory requests sent to the CPU")
+        for name in _FACTORIES:
+            setattr(self, name, _wrap_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_CPU_TORCH: _CpuTorch | None = None
+_SCOPE_PREFIX = "megatron.core"
+
+
+def _in_scope(name: str) -> bool:
+    return name == _SCOPE_PREFIX or name.startswith(_SCOPE_PREFIX + ".")
+
+
+def _scope_module(module) -> None:
+    if getattr(module, "__dict__", {}).get("torch") is torch:
+        module.torch = _CPU_TORCH
+
+
+class _ScopeLoader(importlib.abc.Loader):
+    """Runs the real loader, then gives the new megatron-core module the CPU torch proxy."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _scope_module(module)
+
+    def __getattr__(self, name):  # get_source, is_package, ... of the real loader
+        return getattr(self._loader, name)
+
+
+class _ScopeFinder(importlib.abc.MetaPathFinder):
+    """Import hook: megatron-core modules imported after ``apply("cpu")`` get the proxy too."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not _in_scope(fullname):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ScopeLoader(spec.loader)
+                return spec
+        return None
+
+
 def _patch_device_placement() -> None:
-    """Module-attribute patches (not a TorchFunctionMode: a mode is popped while its handler runs,
-    so code inside autograd.backward - e.g. recompute, TP backward collectives - would escape it)."""
-    for name in _FACTORIES:
-        setattr(torch, name, _wrap_factory(getattr(torch, name)))
+    """megatron-core's factories via the module proxy; Tensor methods process-wide (see the module doc)."""
+    global _CPU_TORCH
+    _CPU_TORCH = _CpuTorch()
+    for name, module in list(sys.modules.items()):
+        if _in_scope(name) and module is not None:
+            _scope_module(module)
+    sys.meta_path.insert(0, _ScopeFinder())
     T = torch.Tensor
     orig_to, orig_type = T.to, T.type
     orig_new = {n: getattr(T, n) for n in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")}
@@ -211,3 +287,8 @@ def _patch_device_placement() -> None:
     for n, f in orig_new.items():
         setattr(T, n, (lambda f: functools.wraps(f)(
             lambda self, *a, **k: f(self, *a, **_redirect_kwargs(k))))(f))
+
+
+def megatron_torch():
+    """The ``torch`` megatron-core's modules see (the CPU proxy after ``apply("cpu")``, else torch)."""
+    return _CPU_TORCH if _CPU_TORCH is not None else torch

@@ -4,8 +4,8 @@ megatron-core's model-parallel groups and seeds.
 Where the rank comes from, in order:
 1. torchrun (or anything that sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT);
 2. srun (SLURM_PROCID / SLURM_STEP_NUM_TASKS or SLURM_NTASKS / SLURM_LOCALID); MASTER_ADDR is the
-   first host of SLURM_JOB_NODELIST (``scontrol show hostnames``) unless already set, MASTER_PORT
-   is derived from the job id unless already set;
+   first host of the step's (or job's) node list unless already set, MASTER_PORT is derived from
+   the job id unless already set (hpctrain.launch.env.derive_dist_env does the derivation);
 3. nothing: a single process, with a one-rank group on a free local port.
 The backend is gloo on CPU and nccl on GPU.
 """
@@ -15,7 +15,6 @@ import datetime
 import os
 import random
 import socket
-import subprocess
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -45,39 +44,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                             capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with "
-                           f"`scontrol show hostnames` ({e}); set MASTER_ADDR yourself") from e
-    if not out:
-        raise RuntimeError(f"`scontrol show hostnames {nodelist}` printed no host; set MASTER_ADDR")
-    return out[0]
-
-
 def rank_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """rank, world_size, local_rank, master_addr, master_port, source from a launcher env."""
+    """rank, world_size, local_rank, master_addr, master_port, source from a launcher env.
+
+    The derivation is hpctrain.launch.env.derive_dist_env's (one for the launcher and the
+    trainer); two trainer-side rules on top: a Slurm allocation without a task count (a batch
+    shell, not an srun task) is a single process, and a single process without MASTER_PORT takes
+    a free local port (a fixed default collides with other jobs on the host)."""
+    from hpctrain.launch.env import derive_dist_env
+
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return dict(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                    local_rank=int(env.get("LOCAL_RANK", "0")),
-                    master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                    master_port=int(env.get("MASTER_PORT", "29500")), source="torchrun")
-    ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
-    if "SLURM_PROCID" in env and ntasks:
-        addr = env.get("MASTER_ADDR")
-        if not addr:
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-            addr = _first_slurm_host(nodelist) if nodelist else "127.0.0.1"
-        job = int(env.get("SLURM_JOB_ID", "0") or 0)
-        port = int(env.get("MASTER_PORT") or 20000 + job % 20000)
-        return dict(rank=int(env["SLURM_PROCID"]), world_size=int(ntasks),
-                    local_rank=int(env.get("SLURM_LOCALID", "0")), master_addr=addr,
-                    master_port=port, source="slurm")
-    return dict(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                master_port=_free_port(), source="single")
+    d = derive_dist_env(env)
+    if d["source"] == "slurm" and not (env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")):
+        d = derive_dist_env({k: v for k, v in env.items() if not k.startswith("SLURM_")})
+    if d["source"] == "single" and not env.get("MASTER_PORT"):
+        d["master_port"] = _free_port()
+    return {k: d[k] for k in ("rank", "world_size", "local_rank", "master_addr", "master_port", "source")}
 
 
 def _option(cfg_or_kwargs: Any, section: str, name: str, default: Any) -> Any:

@@ -74,8 +74,10 @@ class TrainLogger:
         if not self.is_main:
             return
         tps = res.seq_tokens / max(step_time, 1e-9) / self.world
+        # skipped: the optimizer did not update (fp16 loss-scale overflow); the LR schedule did not advance.
         rec = dict(iteration=it, loss=res.loss, lr=res.lr, grad_norm=res.grad_norm, tokens=res.tokens,
-                   tokens_per_s_per_gpu=tps, step_time_s=step_time, elapsed_s=time.time() - self.start)
+                   skipped=not res.update_ok, tokens_per_s_per_gpu=tps, step_time_s=step_time,
+                   elapsed_s=time.time() - self.start)
         peak = peak_tflops()
         if peak:
             rec["mfu"] = tps * flops_per_token(self.cfg, seq_len) / (peak * 1e12)
@@ -94,6 +96,8 @@ class TrainLogger:
         done = len(self.history)
         eta = el / max(done, 1) * max(self.total - r["iteration"], 0)
         gn = "n/a" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+        if r.get("skipped"):
+            gn += " (step skipped: fp16 overflow)"
         parts = [f"iter {r['iteration']}/{self.total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}",
                  f"grad_norm {gn}", f"tokens/s/gpu {r['tokens_per_s_per_gpu']:.1f}",
                  f"mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else "mfu n/a",

@@ -109,6 +109,14 @@ def setup(cfg, info) -> tuple[list, Any, Any]:
     from megatron.core.transformer.module import Float16Module
 
     tcfg = model_setup.transformer_config(cfg, info.device.type)
+    if tdist.get_backend() == "gloo" and cfg.parallel.pipeline_model_parallel_size == 2 and \
+            (cfg.parallel.virtual_pipeline_model_parallel_size or 1) > 1:
+        # Interleaved PP=2: the previous and the next stage are the same rank, and in one batched
+        # exchange a rank sends it an activation AND a gradient of the same shape. gloo matches a
+        # pair's messages in issue order, and the batched order (send_prev before send_next) is
+        # not the receiver's: activations and gradients swap silently (measured: wrong losses
+        # from the 3rd micro-batch on). The unbatched path orders ops by rank parity to match.
+        tcfg.batch_p2p_comm = False
     chunks = model_setup.build_model_chunks(cfg, tcfg)
     if info.device.type == "cuda":
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]

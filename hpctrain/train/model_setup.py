@@ -3,8 +3,8 @@
 The architecture comes from cfg.model (filled from the HF config.json next to the model / the
 checkpoint when the user left a field unset); the training-side switches (parallelism, recompute,
 fusions, precision) from the other sections. The layer spec comes from
-``hpctrain.model.build.select_layer_spec`` when that module exists, else megatron-core's local
-spec (the one place this module chooses a spec).
+``hpctrain.model.build.select_layer_spec`` (Transformer Engine's when installed and chosen, else
+hpctrain's portable spec); ``cross_entropy_loss_fusion`` installs the chunked output layer + loss.
 """
 from __future__ import annotations
 
@@ -142,7 +142,9 @@ def transformer_config(cfg, device_type: str):
         recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers,
         deterministic_mode=t.deterministic_mode, calculate_per_token_loss=True,
-        cross_entropy_loss_fusion=t.cross_entropy_loss_fusion,
+        # megatron's own fused CE only for the TE implementation; 'native' is hpctrain's chunked
+        # output layer + CE, installed on the model in build_model_chunks.
+        cross_entropy_loss_fusion=bool(t.cross_entropy_loss_fusion and t.cross_entropy_fusion_impl == "te"),
         cross_entropy_fusion_impl=t.cross_entropy_fusion_impl,
         bf16=bool(pr.bf16), fp16=bool(pr.fp16), params_dtype=dtype, pipeline_dtype=dtype,
         attention_softmax_in_fp32=pr.attention_softmax_in_fp32,
@@ -158,20 +160,38 @@ def transformer_config(cfg, device_type: str):
     if p.tp_comm_overlap:
         raise ValueError("tp_comm_overlap needs Transformer Engine userbuffers; set tp_comm_overlap=false")
     kw["transformer_impl"] = m.transformer_impl or ("transformer_engine" if _have("transformer_engine") else "local")
+    if kw["transformer_impl"] == "transformer_engine":
+        from megatron.core.transformer.enums import AttnBackend
+        kw["attention_backend"] = AttnBackend[t.attention_backend]
     kw.update(_fusion_flags(cfg, device_type))
     kw.update(t.extra_megatron_kwargs or {})
     return TransformerConfig(**kw)
 
 
 def layer_spec(cfg, tcfg):
-    try:
-        from hpctrain.model.build import select_layer_spec
-    except ImportError:
-        select_layer_spec = None
-    if select_layer_spec is not None:
-        return select_layer_spec(tcfg)
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    return get_gpt_layer_local_spec(qk_layernorm=tcfg.qk_layernorm, normalization=tcfg.normalization)
+    """Transformer Engine's spec or hpctrain's portable spec (hpctrain.model.build decides)."""
+    from hpctrain.model.build import select_layer_spec
+
+    spec = select_layer_spec(tcfg)
+    if tcfg.transformer_impl != "transformer_engine":
+        _portable_attention_backend(cfg.train.attention_backend)
+    return spec
+
+
+# attention_backend (Megatron's names) -> the portable attention's kernel choice. Without TE there
+# is no TE flash/fused/unfused DotProductAttention: SDPA picks flash/cuDNN kernels itself.
+_PORTABLE_BACKEND = {"flash": "auto", "fused": "auto", "auto": "auto", "unfused": "sdpa", "local": "sdpa"}
+
+
+def _portable_attention_backend(name: str) -> None:
+    from hpctrain.model.portable import PortableAttention
+
+    PortableAttention.backend = _PORTABLE_BACKEND[name]
+    if name in ("flash", "fused"):
+        log.info("attention_backend=%s without Transformer Engine: portable attention (SDPA flash/cuDNN "
+                 "kernels; packed samples through flex_attention on CUDA)", name)
+    elif name in ("unfused", "local"):
+        log.info("attention_backend=%s: portable attention with explicit masks (SDPA, no flex_attention)", name)
 
 
 def build_model_chunks(cfg, tcfg) -> list:
@@ -193,7 +213,22 @@ def build_model_chunks(cfg, tcfg) -> list:
             share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
             position_embedding_type=m.position_embedding_type, rotary_percent=m.rotary_percent,
             rotary_base=int(m.rotary_base), **_rope_scaling(m), **kw))
+    if cfg.train.cross_entropy_loss_fusion and cfg.train.cross_entropy_fusion_impl == "native":
+        _chunked_cross_entropy(chunks, m.padded_vocab_size // cfg.parallel.tensor_model_parallel_size)
     return chunks
+
+
+def _chunked_cross_entropy(chunks: list, vocab_per_rank: int) -> None:
+    """cross_entropy_loss_fusion (native): the output projection and the vocab-parallel cross
+    entropy run together in token chunks, so the [tokens, vocab] logits are never materialised
+    (for a 152k vocabulary they dominate activation memory; see portable/cross_entropy.py)."""
+    from hpctrain.model.portable.cross_entropy import chunk_tokens_for, enable_chunked_cross_entropy
+
+    tokens = chunk_tokens_for(vocab_per_rank)
+    for c in chunks:
+        if c.post_process:
+            enable_chunked_cross_entropy(c, tokens)
+    log.info("cross_entropy_loss_fusion: chunked output layer + cross entropy (%d tokens per chunk)", tokens)
 
 
 def _rope_scaling(m) -> dict:

@@ -57,29 +57,58 @@ def pad_microbatches(mbs: list[dict], multiple: int, same_length: bool) -> list[
     return out
 
 
-def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[b, 1, s, s] bool, True = masked: causal within each sample of a packed row (a new sample
-    starts where position_ids restarts at 0)."""
-    seg = torch.cumsum((position_ids == 0).to(torch.int32), dim=1)
-    same = seg[:, :, None] == seg[:, None, :]
-    s = position_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    return ~(same & causal)[:, None]
-
-
 def _to_device(b: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
 
 
+def segment_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 offsets of the samples in the flattened [b*s] stream: a sample starts where its
+    position id is 0 and at every row start (padding appended by pad_microbatches continues the
+    row's last sample, with labels -100)."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()
+    total = torch.tensor([position_ids.numel()], dtype=idx.dtype)
+    return torch.cat([idx, total]).to(torch.int32)
+
+
+def model_inputs(b: dict, cp_size: int, cp_rank: int) -> tuple[dict, object]:
+    """This rank's view of a micro-batch and its PackedSeqParams (None when unpacked).
+
+    Packed rows go to the model as one [1, b*s] `thd` stream: megatron-core's RoPE restarts the
+    positions per sample only in that format, and the attention keeps samples apart by segment
+    (portable spec: document-causal flex/SDPA masks; TE: its own thd kernels). Under context
+    parallel each rank keeps its load-balanced 2 of 2*CP chunks (of every sample when packed).
+    """
+    from hpctrain.model.portable import pad_segments_for_cp, split_batch_for_cp
+    from hpctrain.model.portable.packing import packed_seq_params, to_thd
+
+    if not (b.get("packed") or "cu_seqlens" in b):
+        return split_batch_for_cp(b, cp_size, cp_rank), None
+    b = dict(b, cu_seqlens=segment_cu_seqlens(b["position_ids"].cpu()))
+    b = to_thd(b)
+    if cp_size > 1:
+        b = pad_segments_for_cp(b, cp_size)
+        b = split_batch_for_cp(b, cp_size, cp_rank)
+    return b, b["cu_seqlens"]
+
+
 def forward_step(device, data_iterator, model):
     """megatron-core forward_step_func: returns (output, loss_func)."""
-    b = _to_device(next(data_iterator), device)
+    from megatron.core import parallel_state as ps
+    from hpctrain.model.portable.packing import packed_seq_params
+
+    cp_size = ps.get_context_parallel_world_size()
+    b, cu = model_inputs(next(data_iterator), cp_size, ps.get_context_parallel_rank() if cp_size > 1 else 0)
+    b = _to_device(b, device)
+    psp = None
+    if cu is not None:
+        cp_group = ps.get_context_parallel_group() if cp_size > 1 else None
+        psp = packed_seq_params(cu.to(device), cp_group=cp_group)
     labels = b["labels"]
-    mask = None
-    if b.get("packed") or "cu_seqlens" in b:
-        mask = packed_attention_mask(b["position_ids"]).to(device)
     loss_mask = labels != IGNORE
-    out = model(b["input_ids"], b["position_ids"], mask, labels=labels.masked_fill(~loss_mask, 0))
+    out = model(b["input_ids"], b["position_ids"], None, labels=labels.masked_fill(~loss_mask, 0),
+                packed_seq_params=psp)
     return out, partial(loss_func, loss_mask)
 
 
@@ -94,12 +123,12 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def reduce_losses(losses: list[dict]) -> tuple[float, int]:
     """Global per-token mean: sum (loss, tokens) over micro-batches, then over every rank that holds
-    a distinct copy (last PP stage, TP rank 0, CP rank 0; all DP ranks)."""
+    a distinct part (last PP stage, TP rank 0; all DP and CP ranks)."""
     from megatron.core import parallel_state as ps
 
     total = torch.zeros(2, dtype=torch.float64)
-    owner = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-             and ps.get_context_parallel_rank() == 0)
+    # CP ranks hold disjoint tokens: each one's (loss, count) is a distinct part of the sum.
+    owner = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     if owner:
         for d in losses:
             total += d["lm loss"].detach().to("cpu", torch.float64)
@@ -113,14 +142,25 @@ def reduce_losses(losses: list[dict]) -> tuple[float, int]:
 def _run_schedule(chunks, microbatches, device, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron.core import parallel_state as ps
+
     iters = [iter(list(microbatches)) for _ in chunks]
-    first = microbatches[0]["input_ids"]
+    first = microbatches[0]
+    b, s = first["input_ids"].shape
+    if first.get("packed") or "cu_seqlens" in first:
+        # thd: one [1, b*s] stream per micro-batch (see model_inputs); the pipeline's p2p shapes
+        # follow it. CP pads every sample to a multiple of 2*CP, so lengths would vary per
+        # micro-batch - fixed p2p shapes cannot carry that.
+        if ps.get_context_parallel_world_size() > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("packing with both context parallel and pipeline parallel is not supported: "
+                             "set packing = false, context_parallel_size = 1 or pipeline_model_parallel_size = 1")
+        b, s = 1, b * s
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step, device),
         data_iterator=iters if len(chunks) > 1 else iters[0],
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(microbatches), seq_length=first.shape[1],
-        micro_batch_size=first.shape[0], forward_only=forward_only)
+        num_microbatches=len(microbatches), seq_length=s,
+        micro_batch_size=b, forward_only=forward_only)
 
 
 def train_step(chunks, optimizer, scheduler, microbatches, device, iteration: int, pad_multiple: int,

@@ -7,17 +7,19 @@ import pytest
 import torch
 
 from hpctrain.train import dist
-from hpctrain.train.step import IGNORE, pad_microbatches, packed_attention_mask
+from hpctrain.train.step import IGNORE, model_inputs, pad_microbatches, segment_cu_seqlens
 
 
-def test_packed_attention_mask_is_block_diagonal_causal():
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    m = packed_attention_mask(pos)[0, 0]  # True = masked
-    allowed = ~m
-    expect = torch.zeros(6, 6, dtype=torch.bool)
-    for a, b in ((0, 3), (3, 5), (5, 6)):
-        expect[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
-    assert torch.equal(allowed, expect)
+def test_segment_cu_seqlens_and_thd_inputs_keep_samples_apart():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])  # row 2 starts mid-sample (a row start is a start)
+    assert segment_cu_seqlens(pos).tolist() == [0, 3, 5, 6, 8, 12]
+    b = dict(input_ids=torch.arange(12).view(2, 6), labels=torch.arange(12).view(2, 6), position_ids=pos,
+             packed=True)
+    out, cu = model_inputs(b, cp_size=1, cp_rank=0)
+    assert out["input_ids"].shape == (1, 12) and torch.equal(out["input_ids"][0], torch.arange(12))
+    assert cu.tolist() == [0, 3, 5, 6, 8, 12]
+    unpacked, none = model_inputs({k: v for k, v in b.items() if k != "packed"}, cp_size=1, cp_rank=0)
+    assert none is None and unpacked["input_ids"].shape == (2, 6)
 
 
 def test_pad_microbatches_pads_labels_with_ignore_and_keeps_tokens():
@@ -47,10 +49,19 @@ def test_rank_env_torchrun_slurm_single(monkeypatch):
     assert (r["rank"], r["world_size"], r["source"]) == (0, 1, "single") and r["master_port"] > 0
 
 
-def test_rank_env_slurm_without_scontrol_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
-        dist.rank_env(dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_JOB_NODELIST="n[1-2]"))
+def test_rank_env_is_launch_envs_derivation(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol needed: the host list is expanded in Python
+    env = dict(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_ID="42")
+    r = dist.rank_env(env)
+    assert (r["rank"], r["world_size"], r["master_addr"], r["master_port"]) == (1, 2, "gpu07", 20042)
+    from hpctrain.launch.env import derive_dist_env
+    d = derive_dist_env(env)
+    assert {k: d[k] for k in r} == r
+    # a batch shell (SLURM_PROCID but no task count) is a single process on a free port
+    r = dist.rank_env(dict(SLURM_PROCID="0", SLURM_JOB_ID="42"))
+    assert (r["world_size"], r["source"]) == (1, "single") and r["master_port"] != 20042
+    with pytest.raises(ValueError, match="unbalanced"):
+        dist.rank_env(dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_JOB_NODELIST="n[1-2"))
 
 
 def test_compat_cpu_patches_in_a_fresh_process():
@@ -60,7 +71,7 @@ def test_compat_cpu_patches_in_a_fresh_process():
         from hpctrain.train import compat
         compat.apply("cpu"); compat.apply("cpu")  # idempotent
         assert compat.applied() == {"common", "cpu"}
-        t = torch.zeros(3, device="cuda")
+        t = compat.megatron_torch().zeros(3, device="cuda")  # what megatron-core's modules call
         assert t.device.type == "cpu"
         assert t.cuda() is t and t.pin_memory() is t
         assert t.to("cuda").device.type == "cpu"

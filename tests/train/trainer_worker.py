@@ -3,7 +3,15 @@ under torchrun) and writes each job's losses to JSON. Usage: trainer_worker.py P
 
 PLAN: {"jobs": [{"name": ..., "flags": [...], "init_only": bool, "pack": bool}], "out": DIR}
 Data: a synthetic, deterministic dataset (sample i depends only on i), DP-sharded by rank.
+
+Optional job keys (tests/train/test_trainer_args.py): "repeat": train on the first global batch
+every iteration; "valid": pass a validation source (fixed samples) and record each evaluation
+next to a by-hand forward pass over the same micro-batches; "capture_steps": N, save params and
+main grads around the first N optimizer steps to <out>.<name>.steps.pt; "poison_grad_at": [k],
+make one main grad inf before the k-th optimizer step; "gc_trace": record gc callbacks with the
+number of optimizer steps done. What was recorded goes into the job's result ("probe").
 """
+import gc
 import json
 import sys
 from pathlib import Path
@@ -13,7 +21,12 @@ import torch
 TINY = ["--num_layers", "4", "--hidden_size", "64", "--ffn_hidden_size", "128", "--num_attention_heads", "4",
         "--num_query_groups", "2", "--padded_vocab_size", "128", "--max_position_embeddings", "64",
         "--micro_batch_size", "2", "--global_batch_size", "8", "--lr", "1e-3", "--lr_warmup_iters", "1",
-        "--min_lr", "1e-4", "--log_interval", "1", "--seed", "1234", "--no_save_rng", "false"]
+        "--min_lr", "1e-4", "--log_interval", "1", "--seed", "1234", "--no_save_rng", "false",
+        # Adam's step lr*g/(|g|+eps) has slope ~lr/(4 eps) where |g| ~ eps: with the default eps 1e-8,
+        # float32 summation noise (~1e-10) in such a grad moves a weight by ~2e-6, so a few of 65k
+        # elements broke the layouts' 1e-6 weight tolerance once iteration 1 trained with a non-zero
+        # warmup LR. eps 1e-5 keeps that effect below ~1e-7 (1e-6 still left one embedding element of TP=2 at 3e-6).
+        "--adam_eps", "1e-5"]
 VOCAB, SEQ = 128, 32
 
 
@@ -38,14 +51,19 @@ def row(samples, length=None):
 
 
 class Source:
-    """Global batch at `consumed`: samples consumed..consumed+gbs-1; this DP rank's share."""
+    """Global batch at `consumed`: samples consumed..consumed+gbs-1; this DP rank's share.
 
-    def __init__(self, pack: bool):
-        self.pack = pack
+    pack=True: two samples per row (trimmed to 16 tokens each), position ids restarting per sample.
+    pack="split": the same samples, each in its own (padded) row - what packing must be equal to.
+    """
+
+    def __init__(self, pack, repeat: bool = False, offset: int = 0):
+        self.pack, self.repeat, self.offset = pack, repeat, offset  # repeat: always the first global batch
         self.num_samples = 10_000
 
     def __call__(self, consumed, n_micro, mbs):
         from megatron.core import parallel_state as ps
+        consumed = self.offset + (0 if self.repeat else consumed)
         dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         out = []
         for j in range(n_micro):
@@ -57,14 +75,14 @@ class Source:
                     a, b = sample(2 * i), sample(2 * i + 1)
                     a = (a[0][:16], a[1][:16])
                     b = (b[0][:16], b[1][:16])
-                    rows.append(row([a, b], SEQ))
+                    rows.extend([row([a], 16), row([b], 16)] if self.pack == "split" else [row([a, b], SEQ)])
                 else:
                     rows.append(row([sample(i)]))
             L = max(len(x[0]) for x in rows)
             rows = [row([(x[0], x[1])], L) if len(x[0]) < L else x for x in rows]
             ids, lab, pos = (torch.stack([x[t] for x in rows]) for t in range(3))
             mb = dict(input_ids=ids, labels=lab, position_ids=pos, num_loss_tokens=int((lab != -100).sum()))
-            if self.pack:
+            if self.pack is True:
                 starts = (pos.flatten() == 0).nonzero().flatten().to(torch.int32)
                 mb["cu_seqlens"] = torch.cat([starts, torch.tensor([pos.numel()], dtype=torch.int32)])
             out.append(mb)
@@ -81,20 +99,134 @@ def init_only(cfg, out_root: str):
     save_checkpoint(out_root, TrainProgress(0, 0), chunks, save_optim=False, save_rng=False)
 
 
+VALID_OFFSET = 500_000  # validation samples: far from anything a test trains on
+
+
+class Probe:
+    """Instrumentation of one job through hooks on the optimizer, eval_step and gc (see the doc)."""
+
+    def __init__(self, job: dict, out: str):
+        self.job, self.out = job, out
+        self.steps = 0
+        self.captured = []
+        self.data = dict(loss_scales=[], optimizer=None, grad_scaler=None, evals=[], valid_calls=[], gc=[])
+
+    # --- optimizer: wraps the instance's step()
+    def wrap_optimizer(self, opt):
+        inner = _inner_optimizer(opt)
+        self.data["optimizer"] = type(inner).__name__
+        scaler = getattr(inner, "grad_scaler", None)
+        self.data["grad_scaler"] = None if scaler is None else type(scaler).__name__
+        original = opt.step
+
+        def step():
+            k = self.steps + 1
+            if scaler is not None:
+                self.data["loss_scales"].append(float(scaler.scale.item()))
+            model_params = _model_params(inner)
+            if k in self.job.get("poison_grad_at", ()):
+                model_params[0].main_grad.view(-1)[0] = float("inf")
+            before = None
+            if k <= self.job.get("capture_steps", 0):
+                before = ([p.detach().clone() for p in model_params],
+                          [p.main_grad.detach().clone() for p in model_params])
+            result = original()
+            self.steps = k
+            if before is not None:
+                self.captured.append(dict(params=before[0], grads=before[1],
+                                          after=[p.detach().clone() for p in model_params],
+                                          lr=[g["lr"] for g in opt.param_groups]))
+            return result
+
+        opt.step = step
+        return opt
+
+    def save_captured(self):
+        if self.captured:
+            torch.save(self.captured, f"{self.out}.{self.job['name']}.steps.pt")
+
+    # --- evaluation: the by-hand reference next to what the loop computed
+    def eval_step(self, original, chunks, microbatches, device, pad_multiple, same_length):
+        from megatron.core import parallel_state as ps
+        loss, tokens = original(chunks, microbatches, device, pad_multiple, same_length)
+        whole_model = len(chunks) == 1 and ps.get_pipeline_model_parallel_world_size() == 1
+        self.data["evals"].append(dict(after_steps=self.steps, loss=loss, tokens=tokens,
+                                       by_hand=_forward_loss(chunks[0], microbatches) if whole_model else None))
+        return loss, tokens
+
+    def valid(self, n_micro, mbs):
+        self.data["valid_calls"].append(n_micro)
+        return Source(False, repeat=True, offset=VALID_OFFSET)(0, n_micro or 2, mbs)
+
+    # --- gc
+    def gc_callback(self, phase, info):
+        if phase == "start":
+            self.data["gc"].append((self.steps, info["generation"], gc.isenabled()))
+
+
+def _inner_optimizer(opt):
+    """megatron-core wraps its optimizer in a ChainedOptimizer; the one inside does the work."""
+    chained = getattr(opt, "chained_optimizers", None)
+    return chained[0] if chained and len(chained) == 1 else opt
+
+
+def _model_params(opt):
+    """The model's parameters (they hold .main_grad, the DP-reduced grads the step uses) in the
+    optimizer's order: the distributed optimizer's model groups, fp16/bf16's float16 + fp32 groups,
+    or plain fp32's own params."""
+    if hasattr(opt, "model_float16_groups"):
+        groups = opt.model_float16_groups + opt.model_fp32_groups
+    elif hasattr(opt, "float16_groups"):
+        groups = opt.float16_groups + opt.fp32_from_fp32_groups
+    else:
+        groups = [g["params"] for g in opt.param_groups]
+    return [p for g in groups for p in g]
+
+
+@torch.no_grad()
+def _forward_loss(model, microbatches) -> float:
+    """Per-token mean loss with a plain forward call per micro-batch (no pipeline schedule; one
+    stage holding the whole model, unpacked rows)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for b in microbatches:
+            mask = b["labels"] != -100
+            out = model(b["input_ids"], b["position_ids"], None, labels=b["labels"].masked_fill(~mask, 0))
+            total += float((out.float() * mask).sum())
+            count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total / count
+
+
 def main():
     plan = json.loads(Path(sys.argv[1]).read_text())
     from hpctrain.config import load_config
-    from hpctrain.train import loop
+    from hpctrain.train import loop, optim, step
     import torch.distributed as tdist
     results = {}
+    probe = None
+    build_optimizer, eval_step = optim.build_optimizer, step.eval_step
+    optim.build_optimizer = lambda *a, **k: probe.wrap_optimizer(build_optimizer(*a, **k))
+    step.eval_step = lambda *a, **k: probe.eval_step(eval_step, *a, **k)
+    gc.callbacks.append(lambda phase, info: probe is not None and probe.gc_callback(phase, info))
     for job in plan["jobs"]:
         cfg = load_config(None, TINY + job["flags"], mode="sft")
+        probe = Probe(job, plan["out"])
         if job.get("init_only"):
             init_only(cfg, cfg.checkpoint.save)
             continue
-        res = loop.run(cfg, Source(job.get("pack", False)))
+        res = loop.run(cfg, Source(job.get("pack", False), job.get("repeat", False)),
+                       probe.valid if job.get("valid") else None)
+        if not job.get("gc_trace"):
+            probe.data["gc"] = []
+        probe.data["gc_enabled_after"] = gc.isenabled()
+        probe.save_captured()
         results[job["name"]] = dict(losses=res.losses, exit_code=res.exit_code, iteration=res.iteration,
-                                    save_dir=res.save_dir, last_checkpoint=res.last_checkpoint)
+                                    save_dir=res.save_dir, last_checkpoint=res.last_checkpoint,
+                                    probe=probe.data)
     if tdist.get_rank() == 0:
         Path(plan["out"]).write_text(json.dumps(results, indent=1))
     from hpctrain.train import dist

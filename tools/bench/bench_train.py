@@ -9,6 +9,7 @@ random tokens, bf16, AdamW (torch fused) for every variant so only the model pat
   portable-dense  the same on plain causal rows (no packing: SDPA is_causal)
   local           megatron-core's local spec (unfused attention), plain causal rows; TP/SP, no CP
   hf              transformers Qwen2ForCausalLM, attn_implementation="sdpa", one GPU only
+  <variant>+compile  the same with each transformer layer torch.compile'd (e.g. portable-dense+compile)
 
 Reported per variant (rank 0, one JSON line): median step time, tokens/s per GPU, peak memory,
 MFU over the bf16 matmul rate measured on the same GPU in the same run and over the datasheet
@@ -228,12 +229,46 @@ def _grad_sync(model, args):
 
 # ------------------------------------------------------------------ one variant
 
+def compile_layers(model):
+    """torch.compile each transformer layer in place (same parameters and checkpoint keys): fuses
+    the norm, RoPE, bias, SwiGLU and residual elementwise kernels that megatron-core runs one by one
+    without Transformer Engine, and cuts the per-layer Python/launch overhead."""
+    for layer in model.decoder.layers:
+        layer.compile(dynamic=False)
+    if getattr(model.decoder, "final_layernorm", None) is not None:
+        model.decoder.final_layernorm.compile(dynamic=False)
+
+
+def profile_steps(variant, model, opt, full, args, device, packed, path):
+    """Two profiled steps: top kernels/ops by device time, and device busy time vs wall time (a
+    step whose kernels keep the GPU busy for much less than its wall time is launch/CPU bound)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        a2 = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 2})
+        wall = sum(_timed_steps(variant, model, opt, full, a2, device, packed))
+    events = prof.key_averages()
+    # Kernels appear twice in key_averages (as their own rows and inside the op that launched
+    # them): count the op rows only, as the table's "Self CUDA time total" footer does.
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    busy = sum(e.self_device_time_total for e in ops) / 1e6 if device.type == "cuda" else 0.0
+    with open(path, "w") as f:
+        f.write(f"# {variant}: 2 steps, wall {wall * 1e3:.1f} ms, GPU kernels busy {busy * 1e3:.1f} ms "
+                f"({busy / wall:.0%} of wall)\n")
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        f.write(events.table(sort_by=sort, row_limit=35, max_name_column_width=70))
+    return round(busy / wall, 3) if wall else None
+
+
 def run_variant(variant, shape, args, device, dtype, peak_tflops):
+    compiled = variant.endswith("+compile")
+    variant = variant.removesuffix("+compile")
     packed = variant == "portable" and args.packing
     result = dict(variant=variant, model=args.model, seq=args.seq, micro_batch=args.micro_batch,
                   attn_backend=args.attn_backend, chunked_ce=args.chunked_ce,
                   tp=args.tp, cp=args.cp, sp=args.sp and args.tp > 1, packed=packed,
-                  recompute=args.recompute, world=dist.get_world_size(), device=_device_name(device))
+                  recompute=args.recompute, world=dist.get_world_size(), device=_device_name(device),
+                  compiled=compiled)
     if variant == "hf" and dist.get_world_size() > 1:
         return dict(result, status="skipped (hf baseline runs on one GPU)")
     if variant == "local" and args.cp > 1:
@@ -243,6 +278,12 @@ def run_variant(variant, shape, args, device, dtype, peak_tflops):
         model = build_hf(shape, device, dtype) if variant == "hf" else \
             build_mcore(shape, args, variant, device, dtype)
         model.train()
+        if compiled:
+            if variant == "hf":
+                for layer in model.model.layers:
+                    layer.compile(dynamic=False)
+            else:
+                compile_layers(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         full = make_batch(args, shape, device, packed)
         times = _timed_steps(variant, model, opt, full, args, device, packed)
@@ -255,6 +296,11 @@ def run_variant(variant, shape, args, device, dtype, peak_tflops):
                       mfu_measured=round(fpt * tok_gpu / (peak_tflops * 1e12), 4),
                       mfu_datasheet=round(fpt * tok_gpu / (DATASHEET_TFLOPS * 1e12), 4),
                       params=sum(p.numel() for p in model.parameters()))
+        if args.profile_dir and dist.get_rank() == 0:
+            os.makedirs(args.profile_dir, exist_ok=True)
+            name = f"profile-{args.model}-{args.seq}-{variant}{'-compiled' if compiled else ''}.txt"
+            result["gpu_busy_fraction"] = profile_steps(variant, model, opt, full, args, device, packed,
+                                                        os.path.join(args.profile_dir, name))
     except torch.OutOfMemoryError:
         result["status"] = "OOM"
     finally:
@@ -340,6 +386,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--matmul-size", type=int, default=8192)
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--profile-dir", default=None,
+                   help="also profile 2 steps of each variant (rank 0) and write the top kernels here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, seq 128, mb 2")
     p.add_argument("--summarize", metavar="JSONL", help="print a markdown table of results and exit")
     args = p.parse_args(argv)
