@@ -266,7 +266,7 @@ class LogConfig:
 class EvalConfig:
     """Evaluation during training."""
 
-    eval_iters: int = opt(-1, "eval micro-batches per evaluation; -1 = from the validation set size")
+    eval_iters: int = opt(-1, "global batches per evaluation (as Megatron-LM); -1 = the whole validation set")
     eval_interval: int | None = opt(None, "steps between evaluations; None = save_interval")
 
 

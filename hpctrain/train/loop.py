@@ -207,7 +207,7 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
             if t.manual_gc and t.manual_gc_interval and progress.iteration % t.manual_gc_interval == 0:
                 gc.collect()
             if valid is not None and eval_every and progress.iteration % eval_every == 0:
-                _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration)
+                _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration, n_micro)
             if ck.save_interval and progress.iteration % ck.save_interval == 0:
                 save()
             if stop.should_stop():
@@ -217,15 +217,16 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
                 return RunResult(REQUEUE_EXIT_CODE, progress.iteration, save_dir, losses, last_ckpt)
         save()
         if valid is not None and eval_every and progress.iteration % eval_every != 0:
-            _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration)
+            _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration, n_micro)
         return RunResult(0, progress.iteration, save_dir, losses, last_ckpt)
     finally:
         stop.restore()
 
 
-def _evaluate(cfg, chunks, valid, info, pad, same_len, logger, it):
+def _evaluate(cfg, chunks, valid, info, pad, same_len, logger, it, n_micro):
+    # eval_iters counts global batches, as in Megatron-LM: each is n_micro micro-batches per DP rank.
     n = cfg.eval.eval_iters
-    mbs = valid(n if n and n > 0 else None, cfg.train.micro_batch_size)
+    mbs = valid(n * n_micro if n and n > 0 else None, cfg.train.micro_batch_size)
     if not mbs:
         return
     loss, _ = step.eval_step(chunks, mbs, info.device, pad, same_len)

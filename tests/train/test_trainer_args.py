@@ -156,7 +156,8 @@ def test_eval_loss_is_the_forward_loss_on_the_validation_batches(runs):
     res = r["eval"]
     evals = res["probe"]["evals"]
     assert [e["after_steps"] for e in evals] == [2, 4]  # eval_interval 2 of 4 iterations
-    assert res["probe"]["valid_calls"] == [3, 3]  # eval_iters micro-batches each time
+    # eval_iters counts global batches (Megatron-LM): 3 x (global 8 / micro 2 / DP 1) micro-batches
+    assert res["probe"]["valid_calls"] == [12, 12]
     for e in evals:  # schedule + DP reduction vs one plain forward per micro-batch: fp32, same order
         assert e["loss"] == pytest.approx(e["by_hand"], rel=1e-6)
     assert evals[0]["loss"] != evals[1]["loss"]  # weights moved between the two
