@@ -118,7 +118,8 @@ def collate_windows(items: list, pad_id: int, pad_to_multiple: int = 1, reset_at
         if len(ids) != s_win + 1:
             raise ValueError(f"window {r} has {len(ids)} tokens, expected {s_win + 1}: mixed window lengths")
         input_ids[r, :s_win] = ids[:-1]
-        labels[r, :s_win] = np.where(mask[1:].astype(bool), ids[1:], IGNORE)
+        # int64 first: token ids may be stored unsigned (uint32), where -100 does not fit (numpy 2)
+        labels[r, :s_win] = np.where(mask[1:].astype(bool), ids[1:].astype(np.int64), IGNORE)
     if not reset_at_documents:
         position_ids = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
         return _to_torch(input_ids, labels, position_ids, None)

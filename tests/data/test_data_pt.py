@@ -134,3 +134,15 @@ def test_pt_errors(tmp_path):
         build_train_valid(_opts(short), qwen())
     with pytest.raises(ValueError, match="lazy_tokenize = false"):
         _opts(short, lazy_tokenize=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.int32, np.int64])
+def test_collate_windows_labels_for_any_stored_token_dtype(dtype):
+    # Shards store ids unsigned when the vocabulary allows; -100 must still come out (numpy 2
+    # refuses to put -100 into a uint32 array: this failed on the GPU machine).
+    from hpctrain.data import collate_windows
+    ids, mask = np.arange(10, 19, dtype=dtype), np.ones(9, dtype=np.uint8)
+    mask[3] = 0
+    out = collate_windows([(ids, mask, [0])], pad_id=0)
+    assert out["labels"].tolist() == [[11, 12, -100, 14, 15, 16, 17, 18]]
+    assert out["input_ids"].tolist() == [list(range(10, 18))]

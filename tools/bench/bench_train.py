@@ -10,6 +10,9 @@ random tokens, bf16, AdamW (torch fused) for every variant so only the model pat
   local           megatron-core's local spec (unfused attention), plain causal rows; TP/SP, no CP
   hf              transformers Qwen2ForCausalLM, attn_implementation="sdpa", one GPU only
   <variant>+compile  the same with each transformer layer torch.compile'd (e.g. portable-dense+compile)
+  <variant>+graph    forward + backward captured once as one CUDA graph and replayed every step
+                     (static batch; the optimizer step runs outside the graph): what removing the
+                     host / launch overhead is worth. A measurement, not yet a trainer option.
 
 Reported per variant (rank 0, one JSON line): median step time, tokens/s per GPU, peak memory,
 MFU over the bf16 matmul rate measured on the same GPU in the same run and over the datasheet
@@ -261,6 +264,8 @@ def profile_steps(variant, model, opt, full, args, device, packed, path):
 
 
 def run_variant(variant, shape, args, device, dtype, peak_tflops):
+    graphed = variant.endswith("+graph")
+    variant = variant.removesuffix("+graph")
     compiled = variant.endswith("+compile")
     variant = variant.removesuffix("+compile")
     packed = variant == "portable" and args.packing
@@ -268,7 +273,9 @@ def run_variant(variant, shape, args, device, dtype, peak_tflops):
                   attn_backend=args.attn_backend, chunked_ce=args.chunked_ce,
                   tp=args.tp, cp=args.cp, sp=args.sp and args.tp > 1, packed=packed,
                   recompute=args.recompute, world=dist.get_world_size(), device=_device_name(device),
-                  compiled=compiled)
+                  compiled=compiled, cuda_graph=graphed)
+    if graphed and (device.type != "cuda" or dist.get_world_size() > 1):
+        return dict(result, status="skipped (+graph: one CUDA GPU only)")
     if variant == "hf" and dist.get_world_size() > 1:
         return dict(result, status="skipped (hf baseline runs on one GPU)")
     if variant == "local" and args.cp > 1:
@@ -286,7 +293,7 @@ def run_variant(variant, shape, args, device, dtype, peak_tflops):
                 compile_layers(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         full = make_batch(args, shape, device, packed)
-        times = _timed_steps(variant, model, opt, full, args, device, packed)
+        times = _timed_steps(variant, model, opt, full, args, device, packed, graphed)
         if device.type == "cuda":
             result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
         step = statistics.median(times)
@@ -299,10 +306,15 @@ def run_variant(variant, shape, args, device, dtype, peak_tflops):
         if args.profile_dir and dist.get_rank() == 0:
             os.makedirs(args.profile_dir, exist_ok=True)
             name = f"profile-{args.model}-{args.seq}-{variant}{'-compiled' if compiled else ''}.txt"
-            result["gpu_busy_fraction"] = profile_steps(variant, model, opt, full, args, device, packed,
-                                                        os.path.join(args.profile_dir, name))
+            if not graphed:
+                result["gpu_busy_fraction"] = profile_steps(variant, model, opt, full, args, device, packed,
+                                                            os.path.join(args.profile_dir, name))
     except torch.OutOfMemoryError:
         result["status"] = "OOM"
+    except Exception as e:  # noqa: BLE001 - a graph capture that fails is a result, not the end of the run
+        if not graphed:
+            raise
+        result["status"] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:240]}"
     finally:
         del model, opt
         gc.collect()
@@ -311,27 +323,55 @@ def run_variant(variant, shape, args, device, dtype, peak_tflops):
     return result
 
 
-def _timed_steps(variant, model, opt, full, args, device, packed):
+def _loss_fn(variant, model, batch, psp, n_tokens):
+    if variant == "hf":
+        return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    tok = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=psp)
+    return (tok * (batch["labels"] != -100)).sum() / n_tokens
+
+
+def capture_forward_backward(loss_fn, opt, warmup: int = 3):
+    """One CUDA graph of forward + backward (PyTorch's whole-network capture recipe): warm up on a
+    side stream (autotuning, lazy inits, cached RoPE tables happen outside the capture), then
+    capture with the grads unset so backward allocates them in the graph's pool; every replay
+    rewrites those same grad tensors, which the optimizer then reads."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            loss_fn().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = loss_fn()
+        loss.backward()
+    return graph, loss
+
+
+def _timed_steps(variant, model, opt, full, args, device, packed, graphed=False):
     if variant == "hf":
         batch = {k: v.to(device) for k, v in full.items() if k in ("input_ids", "labels")}
         psp, n_tokens = None, None
     else:
         batch, psp = local_batch(full, args, device, packed)
         n_tokens = int((full["labels"] != -100).sum())
+    graph = None
+    if graphed:
+        graph, loss = capture_forward_backward(lambda: _loss_fn(variant, model, batch, psp, n_tokens), opt)
     times = []
     for i in range(args.warmup + args.steps):
         if i == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if variant == "hf":
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        if graph is not None:
+            graph.replay()  # grads are overwritten in place: no zero_grad (it would drop them)
         else:
-            tok = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"],
-                        packed_seq_params=psp)
-            loss = (tok * (batch["labels"] != -100)).sum() / n_tokens
-        loss.backward()
+            opt.zero_grad(set_to_none=True)
+            loss = _loss_fn(variant, model, batch, psp, n_tokens)
+            loss.backward()
         if variant != "hf":
             _grad_sync(model, args)
         opt.step()
@@ -359,10 +399,12 @@ def summarize(path: str) -> str:
             continue
         out.append("| {model} | {seq} | {micro_batch} | {tp} | {cp} | {sp} | {variant} | {status} | "
                    "{step} | {tok} | {mem} | {m1} | {m2} |".format(
+                       **{**r, "variant": r["variant"] + ("+compile" if r.get("compiled") else "")
+                          + ("+graph" if r.get("cuda_graph") else "")},
                        step=r.get("step_ms", ""), tok=r.get("tokens_per_s_per_gpu", ""),
                        mem=r.get("peak_mem_gib", ""),
                        m1=f"{r['mfu_measured']:.1%}" if "mfu_measured" in r else "",
-                       m2=f"{r['mfu_datasheet']:.1%}" if "mfu_datasheet" in r else "", **r))
+                       m2=f"{r['mfu_datasheet']:.1%}" if "mfu_datasheet" in r else ""))
     return "\n".join(out)
 
 

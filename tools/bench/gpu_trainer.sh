@@ -10,6 +10,7 @@
 #   portable 1 GPU: tests/portable/test_portable_gpu.py (CUDA attention kernels vs explicit masks)
 #   speed    1 GPU: tools/bench/bench_train.py, 0.5B shape, HF baseline vs portable spec with and
 #            without torch.compile'd layers, plus a profile of each; $OUT/results.jsonl, $OUT/profiles.txt
+#   graphs   1 GPU: the same 0.5B step with forward + backward replayed as one CUDA graph; $OUT/graphs.jsonl
 # Usage on the device machine, from the repo root:  bash tools/bench/gpu_trainer.sh seed trainer
 # The image lacks megatron-core: carry its cp312 wheel in .whl/ (see gpu_lease.sh). The native
 # extension is built in place here (g++/cmake are on the image).
@@ -93,6 +94,13 @@ for suite in "$@"; do
       cat "$WORK"/prof/*.txt > "$OUT/profiles.txt" 2>/dev/null
       python3 tools/bench/bench_train.py --summarize "$OUT/results.jsonl"
       ;;
-    *) echo "unknown suite $suite (seed | memcheck | portable | trainer | speed)"; exit 2 ;;
+    graphs)  # what CUDA graphs are worth on the 0.5B shape (host/launch-bound without them)
+      CUDA_VISIBLE_DEVICES=0 timeout "${SPEED_TIMEOUT_S:-300}" torchrun --standalone --nproc_per_node 1 \
+        tools/bench/bench_train.py --model 0.5b --seq 2048 --micro-batch 4 \
+        --variants "${GRAPH_VARIANTS:-hf,portable-dense,portable-dense+graph,hf+graph,portable+graph}" \
+        --out "$OUT/graphs.jsonl" >> "$OUT/graphs.log" 2>&1 || echo "[gpu] graphs bench FAILED (see graphs.log)"
+      python3 tools/bench/bench_train.py --summarize "$OUT/graphs.jsonl"
+      ;;
+    *) echo "unknown suite $suite (seed | memcheck | portable | trainer | speed | graphs)"; exit 2 ;;
   esac
 done
