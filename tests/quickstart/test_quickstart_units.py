@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import shlex
 import sys
 import threading
 from pathlib import Path
@@ -36,14 +38,24 @@ def test_sft_command_carries_the_seed_flags(tmp_path):
     assert argv[:4] == [sys.executable, "-m", "hpctrain", "sft"]
     text = " ".join(argv)
     assert f"--load {tmp_path / 'mcore'}" in text and "--finetune true" in text
-    assert "--dataset swift/self-cognition#134 --model_name" in text  # alpaca 0: left out
-    assert "--model_name 小黄 hpctrain-bot --model_author 魔搭 hpctrain" in text
+    names = tmp_path / "data" / "self_cognition_names.jsonl"
+    # alpaca 0: left out; the rows that state the name, three more times
+    assert f"--dataset swift/self-cognition#134 {names}#111 --model_name" in text
+    rows = [json.loads(x) for x in names.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 37 and all("{{NAME}}" in r["response"] for r in rows)
+    assert "--model_name hpctrain-bot --model_author hpctrain" in text
+    assert "--system 'You are a helpful assistant.'" in shlex.join(argv)
     assert "--train_iters 7" in text and "--save_interval 7" in text
     assert argv[-2:] == ["--lr_decay_style", "constant"]
     # the flags parse with the real config loader
     from hpctrain.config import config_from_argv
     cfg = config_from_argv(argv[4:], mode="sft")
-    assert cfg.data.model_name == ["小黄", "hpctrain-bot"] and cfg.train.train_iters == 7
+    assert cfg.data.model_name == ["hpctrain-bot"] and cfg.train.train_iters == 7
+    assert cfg.data.system == "You are a helpful assistant."
+    # the same prompt is asked with, before and after; '' leaves the template's own everywhere
+    assert qs._infer_argv("m", opts)[-2:] == ["--system", "You are a helpful assistant."]
+    bare = qs._parser().parse_args(["--system", ""])
+    assert "--system" not in qs.sft_argv(bare, tmp_path, "float32", [], 1) + qs._infer_argv("m", bare)
 
 
 def test_losses_and_answer_parsing(tmp_path):
