@@ -210,11 +210,44 @@ class DcpReader:
             if whole is not None:
                 return whole
             out = torch.empty(sizes, dtype=md.properties.dtype)
+        if self._read_box_mapped(key, offsets, sizes, out):
+            return out
         box = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, md, [box])
         planner = _BoxLoadPlanner(out, offsets)
         self.reader.read_data(LoadPlan(items), planner).wait()
         return out
+
+    def _whole_file(self, key: str, chunk_offsets: tuple):
+        """The file of the stored chunk at ``chunk_offsets`` when it holds only that chunk (what
+        ``write_dcp`` writes), else None."""
+        info = self.metadata.storage_data.get(MetadataIndex(key, torch.Size(chunk_offsets)))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        f = self.path / info.relative_path
+        return f if info.offset == 0 and f.stat().st_size == info.length else None
+
+    def _read_box_mapped(self, key: str, offsets: tuple, sizes: tuple, out: torch.Tensor) -> bool:
+        """Copy a box that lies inside one whole-file chunk straight from a memory map of that file.
+        torch's reader loads the whole chunk for any box of it: reading TP parts of a layer tensor
+        then reads the chunk once per TP rank; the map reads only the pages the box touches."""
+        for c in self.chunks(key):
+            lo, n = tuple(c.offsets), tuple(c.sizes)
+            if all(l <= o and o + z <= l + m for l, m, o, z in zip(lo, n, offsets, sizes)):
+                break
+        else:
+            return False
+        f = self._whole_file(key, lo)
+        if f is None:
+            return False
+        t = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        if tuple(t.shape) != n or t.dtype != out.dtype:
+            raise ValueError(f"{f}: holds {tuple(t.shape)} {t.dtype}, the metadata says {n} {out.dtype} "
+                             f"for {key}: the checkpoint is damaged")
+        box = t[tuple(slice(o - l, o - l + z) for l, o, z in zip(lo, offsets, sizes))]
+        out.copy_(box)
+        del t, box  # drop the map: its pages stop counting as ours
+        return True
 
     def _load_whole_file_chunk(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor | None:
         """Fast path for a box that is exactly one stored chunk which fills its own file (what
