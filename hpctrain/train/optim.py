@@ -35,9 +35,10 @@ def build_optimizer(cfg, model_chunks: list):
 
 def _fused_torch_adam(opt) -> None:
     """Without apex/TE megatron-core falls back to torch.optim.AdamW with its default multi-tensor
-    (foreach) kernels, which allocate temporaries the size of the optimizer state in the step (7B
-    at TP=2: +15 GiB peak per GPU). torch's fused CUDA kernel updates in place; switch to it when
-    every parameter is on CUDA. Same update rule; results differ from foreach in the last bits."""
+    (foreach) kernels, which allocate temporaries in the step; torch's fused CUDA kernel updates in
+    place. Switch to it when every parameter is on CUDA. Same update rule; results differ from
+    foreach in the last bits. (It did not lower the 7B seed recipe's peak, 94.9 GiB per GPU: the
+    optimizer step is not where that peak is; docs/benchmarks.md.)"""
     import torch
 
     inner = [getattr(o, "optimizer", None) for o in getattr(opt, "chained_optimizers", [opt])]
