@@ -43,6 +43,8 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir)
 
 
+ASSET_PACKAGES = ["hpctrain.assets", "hpctrain.assets.configs", "hpctrain.assets.data"]
+
 setup(
     name="hpctrain",
     version=VERSION,
@@ -50,8 +52,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["hpctrain", "hpctrain.*"]),
-    package_data={"hpctrain": ["assets/**/*"]},
+    # The asset folders are data-only packages: listed so setuptools ships them without warnings.
+    packages=find_packages(include=["hpctrain", "hpctrain.*"]) + ASSET_PACKAGES,
+    package_data={name: ["*.md", "*.json", "*.jsonl"] for name in ASSET_PACKAGES},
     include_package_data=True,
     ext_modules=[CMakeExtension("hpctrain._C")],
     cmdclass={"build_ext": CMakeBuild},
