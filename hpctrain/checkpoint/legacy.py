@@ -271,11 +271,16 @@ def load_rank_file(f: Path, trust_pickle: bool = False) -> dict:
 
 class _RankFiles:
     """``files[(tp, pp)]``: rank files loaded on first use; only one stage's stay referenced, so the
-    memory maps of the others are released (and their pages stop counting as ours)."""
+    memory maps of the others are released (and their pages stop counting as ours). Within a stage
+    the maps are also dropped (and reopened on the next access) once ``MAP_BUDGET`` bytes have been
+    read through them: every page read from a mapped file counts in our RSS while the map lives,
+    so a large stage read end to end would otherwise hold all of it."""
+
+    MAP_BUDGET = 512 * 2**20
 
     def __init__(self, path: Path, pp: int, trust_pickle: bool):
         self.path, self.pp, self.trust = path, pp, trust_pickle
-        self._stage, self._open = None, {}
+        self._stage, self._open, self._read = None, {}, 0
 
     def __getitem__(self, rank: tuple[int, int]) -> dict:
         t, p = rank
@@ -284,6 +289,12 @@ class _RankFiles:
         if t not in self._open:
             self._open[t] = load_rank_file(self.path / rank_dir(t, p, self.pp) / FILE, self.trust)
         return self._open[t]
+
+    def read(self, nbytes: int) -> None:
+        """Account ``nbytes`` copied out of the maps; past the budget, drop them."""
+        self._read += nbytes
+        if self._read >= self.MAP_BUDGET:
+            self._open, self._read = {}, 0
 
 
 def _args_dict(args) -> dict:
@@ -397,9 +408,11 @@ class LegacySource(Source):
             name = f"decoder.layers.{j}.{where[p]}"
         parts = [self.files[(t, p)]["model"][name] for t in range(self.tp)]
         try:
-            return unshard(parts, tp_rule(key, self.gated))
+            full = unshard(parts, tp_rule(key, self.gated))
         except ValueError as e:
             raise ValueError(f"{self.path / rank_dir(0, p, self.pp)}: {name}: {e}") from None
+        self.files.read(sum(x.numel() * x.element_size() for x in parts))
+        return full
 
     def _locate(self, layer: int) -> tuple[int, int]:
         start = 0

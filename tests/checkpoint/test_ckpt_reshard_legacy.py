@@ -76,7 +76,10 @@ def test_dist_to_legacy_tp2pp2_and_back_bit_exact(mcore, tmp_path, kind):
     assert (tmp_path / "back" / "config.json").is_file()
 
 
-def test_legacy_tp2_to_tp1_pp2_bit_exact(mcore, tmp_path):
+@pytest.mark.parametrize("map_budget", [None, 1])
+def test_legacy_tp2_to_tp1_pp2_bit_exact(mcore, tmp_path, monkeypatch, map_budget):
+    if map_budget is not None:  # drop and reopen the rank files' maps after every tensor read
+        monkeypatch.setattr(legacy._RankFiles, "MAP_BUDGET", map_budget)
     mc = mcore("qwen2")
     assert rs(mc, "--tp", 2, "--pp", 1, "--out", tmp_path / "l2", "--format", "torch") == 0
     assert sorted(p.name for p in (tmp_path / "l2" / "release").iterdir()) == ["mp_rank_00", "mp_rank_01"]

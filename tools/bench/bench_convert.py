@@ -232,7 +232,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the workdir (default: delete it)")
     ap.add_argument("--reuse", action="store_true", help="reuse a model already in workdir/hf")
     ap.add_argument("--steps", default="copy,convert,reshard",
-                    help="comma list of copy, convert, reshard, reshard_torch")
+                    help="comma list of copy, convert, reshard, reshard_torch, from_torch (after reshard_torch)")
     ap.add_argument("--reshard_torch", action="store_true", help="also torch_dist -> torch TP4/PP2")
     ap.add_argument("--no_drop_caches", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -273,6 +273,11 @@ def main() -> int:
                 py, "-m", "hpctrain.cli", "reshard", str(mc), "--tp", "4", "--pp", "2", "--out", str(rt),
                 "--format", "torch", "--overwrite", "--no_progress"], du(mc), caches, env, may_fail=True)
             results += [r] if r else []
+            if r and "from_torch" in steps:  # and back: a legacy input read stage by stage
+                results.append(measure("reshard torch TP4/PP2 -> torch_dist (+verify)", [
+                    py, "-m", "hpctrain.cli", "reshard", str(rt), "--tp", "2", "--pp", "1", "--out",
+                    str(w / "rs_back"), "--overwrite", "--no_progress"], du(rt), caches, env))
+                shutil.rmtree(w / "rs_back", ignore_errors=True)
             shutil.rmtree(rt, ignore_errors=True)
     finally:
         print(f"load after: {load()}", flush=True)
