@@ -28,8 +28,9 @@ Memory bound: torch_dist output is written one tensor chunk (one layer of one te
 file at a time, each tensor of it read as just that rank's box(es) of a torch_dist source, so the
 peak is about one output rank file (model / (TP*PP)) plus one rank-sized tensor. A legacy source
 is memory-mapped, one pipeline stage's files at a time (the maps dropped after every 512 MiB read
-through them), and merged one global layer tensor at a time with the native kernels. Every output is read back and compared bit-exactly with the source
-before the tracker file is written (last, atomically): an interrupted run never looks complete.
+through them), and merged one global layer tensor at a time with the native kernels. Every output
+is read back and compared bit-exactly with the source before the tracker file is written (last,
+atomically): an interrupted run never looks complete.
 """
 from __future__ import annotations
 
