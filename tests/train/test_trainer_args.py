@@ -5,42 +5,15 @@ evaluation, manual GC and the LR schedule. One single-process worker runs most j
 """
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from trainer_jobs import run_plan, weights
 
-HERE = Path(__file__).resolve().parent
-WORKER = HERE / "trainer_worker.py"
-ROOT = HERE.parents[1]
 LR, MIN_LR = 1e-3, 1e-4  # trainer_worker.TINY
 
 pytestmark = pytest.mark.slow
-
-
-def run_plan(tmp: Path, name: str, jobs: list, nproc: int = 1) -> dict:
-    plan, out = tmp / f"{name}.json", tmp / f"{name}.out.json"
-    plan.write_text(json.dumps({"jobs": jobs, "out": str(out)}))
-    cmd = [sys.executable, str(WORKER), str(plan)] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-        str(WORKER), str(plan)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
-        env.pop(k, None)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return json.loads(out.read_text())
-
-
-def weights(ckpt_dir: str) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out = Path(ckpt_dir).parent / (Path(ckpt_dir).name + ".pt")
-    dcp_to_torch_save(ckpt_dir, out)
-    sd = torch.load(out, weights_only=False)
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
 
 
 def log_records(save_dir: str) -> list:
@@ -73,10 +46,10 @@ def runs(tmp_path_factory):
         {"name": "lr_linear", "flags": ft("lr_linear", 8, "--lr_warmup_iters", "2", "--lr_decay_style", "linear",
                                           "--lr_decay_iters", "6")},
         {"name": "ref3", "flags": ft("ref3", 3)},
-    ])
+    ], timeout=900)
     multi = run_plan(tmp, "vpp", [{"name": "pp2_vpp2", "flags": ft(
         "pp2_vpp2", 3, "--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2")}],
-        nproc=2)
+        nproc=2, timeout=900)
     return tmp, {**single, **multi}
 
 

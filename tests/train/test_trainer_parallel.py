@@ -5,44 +5,13 @@ Every run starts from the same initial weights (a torch_dist checkpoint written 
 Tolerances (fp32 on CPU): losses 1e-6 relative; weights 1e-6 absolute (updates are ~1e-3,
 summation-order differences between layouts are ~1e-7). Resume at the same layout: bitwise.
 """
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-HERE = Path(__file__).resolve().parent
-WORKER = HERE / "trainer_worker.py"
-ROOT = HERE.parents[1]
+from trainer_jobs import run_plan, weights
 
 pytestmark = pytest.mark.slow
-
-
-def run_plan(tmp: Path, name: str, jobs: list, nproc: int = 1, env=None, timeout=600) -> dict:
-    plan = tmp / f"{name}.json"
-    out = tmp / f"{name}.out.json"
-    plan.write_text(json.dumps({"jobs": jobs, "out": str(out)}))
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(plan)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--standalone", str(WORKER), str(plan)]
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    e.pop("RANK", None)
-    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return json.loads(out.read_text())
-
-
-def weights(ckpt_dir: str) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out = Path(ckpt_dir).parent / (Path(ckpt_dir).name + ".pt")
-    dcp_to_torch_save(ckpt_dir, out)
-    sd = torch.load(out, weights_only=False)
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
 
 
 def finetune(init: Path, save: Path, iters: int, *extra) -> list:
