@@ -240,14 +240,19 @@ class DcpReader:
         f = self._whole_file(key, lo)
         if f is None:
             return False
-        t = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        if tuple(t.shape) != n or t.dtype != out.dtype:
-            raise ValueError(f"{f}: holds {tuple(t.shape)} {t.dtype}, the metadata says {n} {out.dtype} "
-                             f"for {key}: the checkpoint is damaged")
+        t = self._load_chunk_file(f, key, n, mmap=True)
         box = t[tuple(slice(o - l, o - l + z) for l, o, z in zip(lo, offsets, sizes))]
         out.copy_(box)
         del t, box  # drop the map: its pages stop counting as ours
         return True
+
+    def _load_chunk_file(self, f: Path, key: str, shape: tuple, mmap: bool) -> torch.Tensor:
+        """The tensor a whole-file chunk holds, checked against the metadata's shape and dtype."""
+        t = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        if tuple(t.shape) != tuple(shape) or t.dtype != self.dtype(key):
+            raise ValueError(f"{f}: holds {tuple(t.shape)} {t.dtype}, the metadata says {tuple(shape)} "
+                             f"{self.dtype(key)} for {key}: the checkpoint is damaged")
+        return t
 
     def _load_whole_file_chunk(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor | None:
         """Fast path for a box that is exactly one stored chunk which fills its own file (what
@@ -255,18 +260,12 @@ class DcpReader:
         the chunk and then copies it into the destination; skipping that copy halves the peak
         memory and the memcpy traffic of reading a chunk (reshard reads every chunk twice).
         None when the box is anything else (then the general path reads it)."""
-        info = self.metadata.storage_data.get(MetadataIndex(key, torch.Size(offsets)))
-        if info is None or getattr(info, "transform_descriptors", None):
-            return None
         if not any(tuple(c.offsets) == offsets and tuple(c.sizes) == sizes for c in self.chunks(key)):
             return None
-        f = self.path / info.relative_path
-        if info.offset != 0 or f.stat().st_size != info.length:
+        f = self._whole_file(key, offsets)
+        if f is None:
             return None
-        t = torch.load(f, map_location="cpu", weights_only=True)
-        if tuple(t.shape) != sizes or t.dtype != self.dtype(key):
-            raise ValueError(f"{f}: holds {tuple(t.shape)} {t.dtype}, the metadata says {sizes} "
-                             f"{self.dtype(key)} for {key}: the checkpoint is damaged")
+        t = self._load_chunk_file(f, key, sizes, mmap=False)
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # a view into a larger saved storage: keep only the chunk
         return t
