@@ -11,6 +11,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 VERSION = "0.1.0"
@@ -43,6 +44,26 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir)
 
 
+# What the README and the CLI point users at, shipped inside the wheel under hpctrain/assets/.
+# The repository files stay the single source: they are copied into the build, never into the tree
+# (hpctrain/bundled.py finds them in either place). MANIFEST.in puts them into the sdist.
+BUNDLED = {
+    "slurm": ["*.sbatch", "profiles/example-*.toml"],
+    "docs": ["config.md", "slurm.md", "checkpoints.md", "compat.md"],
+}
+
+
+class BuildPy(build_py):
+    def run(self) -> None:
+        super().run()
+        for folder, patterns in BUNDLED.items():
+            for pattern in patterns:
+                for src in sorted((ROOT / folder).glob(pattern)):
+                    dst = Path(self.build_lib) / "hpctrain" / "assets" / folder / src.relative_to(ROOT / folder)
+                    self.mkpath(str(dst.parent))
+                    self.copy_file(str(src), str(dst))
+
+
 ASSET_PACKAGES = ["hpctrain.assets", "hpctrain.assets.configs", "hpctrain.assets.data"]
 
 setup(
@@ -51,44 +72,41 @@ setup(
     description="Fine-tune and pretrain Hugging Face LLMs with megatron-core on Slurm clusters",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # 3.11: config/files.py reads TOML with the standard library's tomllib.
+    python_requires=">=3.11",
     # The asset folders are data-only packages: listed so setuptools ships them without warnings.
     packages=find_packages(include=["hpctrain", "hpctrain.*"]) + ASSET_PACKAGES,
     package_data={name: ["*.md", "*.json", "*.jsonl"] for name in ASSET_PACKAGES},
     include_package_data=True,
     ext_modules=[CMakeExtension("hpctrain._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
+    # Ranges that match what is tested (docs/compat.md); the exact CI versions live in
+    # tools/constraints-ci.txt, never here: users bring their own torch/CUDA build.
     install_requires=[
-        # A range: users bring the torch build that matches their CUDA.
-        "torch>=2.4,<3",
-        "megatron-core>=0.16.1,<0.17",
+        "torch>=2.6,<3",                  # megatron-core 0.16.1 needs torch >= 2.6
+        "megatron-core>=0.16.1,<0.20",    # 0.16.1 (Python 3.11, CI) to 0.19.2 (Python 3.12); see train/compat.py
         # megatron-core needs psutil for torch_dist saves but does not declare it;
         # without it a save hangs (the writer subprocess dies).
         "psutil",
-        "numpy",
-        "safetensors",
-        "transformers>=4.45",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "transformers>=5.17,<6",          # oldest tested: 5.17 (GPU image); CI: 5.24
         "tokenizers",
-        "datasets",
-        "submitit>=1.5",
+        "datasets>=3",
+        # launch/render.py calls submitit's private _make_sbatch_string: bounded to the tested minor.
+        "submitit>=1.5,<1.6",
         "tensorboard",
-        "tqdm",
-        "pyarrow",
-        "matplotlib",
+        "pyarrow>=15",
     ],
     extras_require={
-        # The dev/CI environment: a pinned CPU torch that lies on the CI machine's disk.
-        "dev": [
-            "torch==2.13.0",
-            "pytest>=8",
-            "hypothesis",
-            "binpacking",
-            "gguf",
-            "accelerate",
-            "pandas",
-        ],
+        # The loss/LR/grad-norm/throughput PNG (`hpctrain plot`, and after training).
+        "plot": ["matplotlib>=3.7"],
+        # Transformer Engine's layer spec, fused attention and FP8 (its torch part builds from source).
+        "te": ["transformer-engine[pytorch]>=2.9"],
         # GGUF input (e.g. the SmolLM2 demo model) is dequantised by transformers.
         "gguf": ["gguf", "accelerate"],
+        # Test tools. The CI versions (torch==2.13.0 CPU, ...) are pinned in tools/constraints-ci.txt.
+        "dev": ["pytest>=8", "hypothesis", "binpacking", "pandas", "build", "matplotlib>=3.7", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["hpctrain=hpctrain.cli:main"]},
 )

@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("hpctrain.launch.submit:run", "plan, render the sbatch job and submit it to Slurm"),
     "infer": ("hpctrain.infer:run", "generate text with a model to check it"),
     "prep": ("hpctrain.data.prep:run", "tokenize, template and pack datasets into memory-mapped shards"),
+    "plot": ("hpctrain.train.plot:run", "draw a run's loss / validation loss / LR / grad norm / throughput PNG"),
+    "templates": ("hpctrain.templates:run", "write the sbatch templates, an example cluster profile and the config "
+                                            "reference into a folder"),
     "doctor": ("hpctrain.doctor:run", "check the environment: torch, CUDA, megatron-core, TE/apex, Slurm"),
 }
 
@@ -30,13 +33,14 @@ def usage() -> str:
     from hpctrain import __version__
 
     width = max(map(len, COMMANDS))
-    lines = [f"usage: hpctrain <command> [config.toml] [--key value ...]   (hpctrain {__version__})", "",
+    lines = [f"usage: hpctrain <command> [ARG ...] [config.toml] [--key value ...]   (hpctrain {__version__})", "",
              "Fine-tune and pretrain Hugging Face LLMs with megatron-core on Slurm clusters.", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "options:", "  -h, --help     show this help and exit", "  -V, --version  print the version and exit",
               "", "Config: defaults < config.toml < env (NPROC_PER_NODE, CUDA_VISIBLE_DEVICES) < --flags;",
               "flags use Megatron-SWIFT names (--lr 1e-5, --tensor_model_parallel_size 2) or dotted ones",
-              "(--train.lr 1e-5). See docs/config.md. `hpctrain <command> --help` for a command's own help."]
+              "(--train.lr 1e-5); --key=value and dashes (--gpus-per-node) work too. Every key: docs/config.md",
+              "(`hpctrain templates DIR` writes a copy). `hpctrain <command> --help` lists a command's flags."]
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from hpctrain.model.build import model_args_from_hf
 from hpctrain.model.families import family_by_name
 from hpctrain.model.families.base import Geometry, is_layer_rule, layer_name
 from hpctrain.model.mcore_config import DTYPES
+from hpctrain.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,
     out = Path(output_dir)
     prepare_output(out, overwrite)
     items = plan_items(src, args, dtype)
-    bar = _progress(len(items), "to_mcore", progress)
+    bar = Progress(len(items), "to_mcore", "tensors", enabled=progress)
     cd.write_dcp(out / layout.RELEASE, items, common={}, on_item=lambda it: bar.update(1))
     bar.close()
     out_cfg = dict(cfg)
@@ -136,19 +137,3 @@ def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,
                                               sort_keys=True, default=str))
     layout.write_tracker(out, layout.RELEASE)
     return layout.require_latest(out)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="chunk")

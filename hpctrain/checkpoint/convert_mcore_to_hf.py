@@ -14,11 +14,12 @@ import torch
 
 from hpctrain.checkpoint import hf_io, layout
 from hpctrain.checkpoint.convert_dcp import DcpReader
-from hpctrain.checkpoint.convert_hf_to_mcore import _progress, geometry, prepare_output
+from hpctrain.checkpoint.convert_hf_to_mcore import geometry, prepare_output
 from hpctrain.model.build import model_args_from_checkpoint
 from hpctrain.model.families import family_by_name
 from hpctrain.model.families.base import is_layer_rule, layer_name
 from hpctrain.model.mcore_config import DTYPES
+from hpctrain.progress import Progress
 
 
 def iter_hf_from_mcore(reader: DcpReader, args: dict, dtype: torch.dtype | None = None,
@@ -68,7 +69,7 @@ def mcore_to_hf(mcore_model: str, output_dir: str, torch_dtype: str | None = Non
     dtype = DTYPES[torch_dtype] if torch_dtype else None
     out = Path(output_dir)
     prepare_output(out, overwrite)
-    bar = _progress(args["num_layers"], "to_hf", progress)
+    bar = Progress(args["num_layers"], "to_hf", "layers", enabled=progress)
     hf_io.write_safetensors_shards(out, iter_hf_from_mcore(reader, args, dtype, bar), max_shard_bytes)
     bar.close()
     cfg = json.loads((ref.root / "config.json").read_text())

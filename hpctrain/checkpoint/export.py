@@ -10,37 +10,30 @@ HF -> mcore writes ``D/release`` + tracker ``release`` (see layout.py).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
+from hpctrain.cli_args import CommandLine, flag
 from hpctrain.model.mcore_config import DTYPES
 
 
-def _bool(v: str) -> bool:
-    s = str(v).strip().lower()
-    if s in ("true", "1", "yes", "y", "on"):
-        return True
-    if s in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpctrain export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="HF model dir, GGUF file, or dir holding one GGUF file")
-    p.add_argument("--mcore_model", help="megatron-core checkpoint dir (release or iter_*)")
-    p.add_argument("--to_mcore", type=_bool, default=False, metavar="BOOL")
-    p.add_argument("--to_hf", type=_bool, default=False, metavar="BOOL")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--torch_dtype", choices=sorted(DTYPES), default=None,
-                   help="weight dtype of the output (default: the input's)")
-    p.add_argument("--test_convert_precision", type=_bool, default=False, metavar="BOOL",
-                   help="compare HF and mcore logits in fp32 after converting; non-zero exit on failure")
-    p.add_argument("--overwrite", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
-                   help="replace an existing output_dir")
-    p.add_argument("--max_shard_size_gb", type=float, default=5.0, help="HF shard size (to_hf)")
-    p.add_argument("--no_progress", action="store_true")
-    return p
+def command_line() -> CommandLine:
+    return CommandLine("hpctrain export", __doc__.split("\n\n")[0], mode="export", flags=[
+        flag("--model", help="HF model dir, GGUF file, or dir holding one GGUF file", config="model.model"),
+        flag("--mcore_model", help="megatron-core checkpoint dir (release or iter_*)", config="export.mcore_model"),
+        flag("--to_mcore", kind="bool", default=False, help="convert HF -> mcore", config="export.to_mcore"),
+        flag("--to_hf", kind="bool", default=False, help="convert mcore -> HF", config="export.to_hf"),
+        flag("--output_dir", help="where the converted checkpoint goes", config="export.output_dir",
+             required=True),
+        flag("--torch_dtype", choices=tuple(sorted(DTYPES)), config="model.torch_dtype",
+             help="weight dtype of the output (default: the input's)"),
+        flag("--test_convert_precision", kind="bool", default=False, config="export.test_convert_precision",
+             help="compare HF and mcore logits in fp32 after converting; non-zero exit on failure"),
+        # ms-swift spells it --exist_ok
+        flag("--overwrite", "--exist_ok", kind="bool", default=False, config="export.exist_ok",
+             help="replace an existing output_dir"),
+        flag("--max_shard_size_gb", type=float, default=5.0, help="HF shard size (to_hf)"),
+        flag("--no_progress", kind="bool", default=False, help="no progress lines"),
+    ])
 
 
 def _precision(reference: str, mcore_dir: str) -> int:
@@ -57,7 +50,7 @@ def _precision(reference: str, mcore_dir: str) -> int:
 
 
 def run(argv: list[str]) -> int:
-    a = parser().parse_args(argv)
+    a = command_line().parse(argv)
     if a.to_mcore == a.to_hf:
         print("hpctrain export: pass exactly one of --to_mcore true / --to_hf true", file=sys.stderr)
         return 2

@@ -34,7 +34,6 @@ atomically): an interrupted run never looks complete.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -45,28 +44,34 @@ import torch
 
 from hpctrain.checkpoint import convert_dcp as cd
 from hpctrain.checkpoint import layout, legacy
-from hpctrain.checkpoint.convert_hf_to_mcore import _progress, prepare_output
+from hpctrain.checkpoint.convert_hf_to_mcore import prepare_output
 from hpctrain.model.mcore_config import check_pp, check_tp
+from hpctrain.progress import Progress
 
 log = logging.getLogger(__name__)
 NO_OPTIM = "pass --no_optim to write the weights without it (a resumed run then starts a new optimizer state)"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpctrain reshard", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="checkpoint root (or save dir with v<N>-* versions, or an iter_* dir)")
-    p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--pp", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=("torch_dist", "torch"), default="torch_dist",
-                   help="output format: torch_dist (megatron-core) or torch (legacy per-rank files)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no_optim", action="store_true",
-                   help="drop optimizer state that cannot be re-laid-out instead of refusing")
-    p.add_argument("--trust_pickle", action="store_true",
-                   help="legacy input only: load rank files with weights_only=False if their args need it")
-    p.add_argument("--no_progress", action="store_true")
-    return p
+def command_line():
+    from hpctrain.cli_args import CommandLine, Positional, flag
+
+    return CommandLine("hpctrain reshard", __doc__.split("\n\n")[0], flags=[
+        flag("--tp", "--tensor_model_parallel_size", type=int, required=True, help="target TP size",
+             config="parallel.tensor_model_parallel_size"),
+        flag("--pp", "--pipeline_model_parallel_size", type=int, required=True, help="target PP size",
+             config="parallel.pipeline_model_parallel_size"),
+        flag("--out", "--output_dir", required=True, help="output checkpoint root"),
+        flag("--format", "--ckpt_format", choices=("torch_dist", "torch"), default="torch_dist",
+             config="checkpoint.ckpt_format",
+             help="output format: torch_dist (megatron-core) or torch (legacy per-rank files)"),
+        flag("--overwrite", "--exist_ok", kind="bool", default=False, help="replace an existing output"),
+        flag("--no_optim", kind="bool", default=False,
+             help="drop optimizer state that cannot be re-laid-out instead of refusing"),
+        flag("--trust_pickle", kind="bool", default=False,
+             help="legacy input only: load rank files with weights_only=False if their args need it"),
+        flag("--no_progress", kind="bool", default=False, help="no progress lines"),
+    ], positionals=[Positional("ckpt", "checkpoint root (or save dir with v<N>-* versions, or an iter_* dir)",
+                               config="model.load")])
 
 
 # --- input --------------------------------------------------------------------------------
@@ -151,7 +156,7 @@ def reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool = False, prog
     if kind == "torch_dist" and fmt == "torch_dist":
         _dist_to_dist(ref, src, dst, drop_optim, progress)
     elif fmt == "torch":
-        bar = _progress(tp * pp, "reshard", progress)
+        bar = Progress(tp * pp, "reshard", "rank files", enabled=progress)
         legacy.write_legacy(src, tp, pp, dst, on_file=lambda: bar.update(1))
         bar.close()
         verify_legacy(src, dst, tp, pp)
@@ -197,7 +202,7 @@ def _dist_to_dist(ref, src: legacy.DistSource, dst: Path, drop_optim: bool, prog
     reader = src.reader
     keep = (lambda k: not k.startswith("optimizer.")) if drop_optim else (lambda k: True)
     items = [it for it in _copy_items(reader) if keep(it.key)]
-    bar = _progress(len(items), "reshard", progress)
+    bar = Progress(len(items), "reshard", "tensors", enabled=progress)
     cd.write_dcp(dst, items, common=None, on_item=lambda it: bar.update(1))
     bar.close()
     common = _common(ref)
@@ -225,7 +230,7 @@ def _legacy_to_dist(src: legacy.Source, dst: Path, progress: bool) -> None:
         for i in range(src.num_layers):
             key = cd.sharded_object_key(f"{legacy.LAYERS}{mod}{legacy.EXTRA}", (i,), (src.num_layers,))
             items.append(cd.LazyBytes(key, cd.none_bytes))
-    bar = _progress(len(items), "reshard", progress)
+    bar = Progress(len(items), "reshard", "tensors", enabled=progress)
     m = src.meta
     common = {"iteration": m.iteration, "consumed_train_samples": m.consumed_train_samples,
               "hpctrain": {"format": 1, "content": {"model": True, "optimizer": False, "rng": False},
@@ -315,7 +320,7 @@ def verify_legacy(src: legacy.Source, path: Path, tp: int, pp: int) -> None:
 
 
 def run(argv: list[str]) -> int:
-    a = parser().parse_args(argv)
+    a = command_line().parse(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

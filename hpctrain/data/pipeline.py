@@ -1,4 +1,4 @@
-"""Tokenize a row plan: eagerly into shards (dataset_num_proc worker processes, progress bar),
+"""Tokenize a row plan: eagerly into shards (dataset_num_proc worker processes, progress lines),
 or lazily, one sample at a time in the loader's workers.
 
 Workers are forked with the plan and the encoder already in memory and each tokenizes a
@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from ..progress import Progress
 from .errors import DataError, SkipTally
 from .mixing import RowPlan
 from .shards import ShardWriter
@@ -45,23 +46,20 @@ def _encode_chunk(bounds: tuple[int, int]):
 def tokenize_to_shards(plan: RowPlan, encoder: Encoder, directory, num_proc: int = 1,
                        desc: str = "tokenize") -> tuple[np.ndarray, SkipTally, EncodeStats]:
     """Tokenize every plan entry into shards under `directory`. Returns (index, tally, stats)."""
-    from tqdm import tqdm
-
     writer = ShardWriter(directory)
     tally, stats = SkipTally(), EncodeStats()
     chunks = [(a, min(a + CHUNK, len(plan))) for a in range(0, len(plan), CHUNK)]
     _STATE.update(plan=plan, encoder=encoder)
-    bar = tqdm(total=len(plan), desc=desc, unit="rows", disable=None, mininterval=2.0)
     try:
-        if num_proc > 1 and len(chunks) > 1:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            with mp.get_context("fork").Pool(num_proc) as pool:
-                _drain(pool.imap(_encode_chunk, chunks, chunksize=1), writer, tally, stats, bar)
-        else:
-            _drain(map(_encode_chunk, chunks), writer, tally, stats, bar)
+        with Progress(len(plan), f"tokenize {desc}", "rows") as bar:
+            if num_proc > 1 and len(chunks) > 1:
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+                with mp.get_context("fork").Pool(num_proc) as pool:
+                    _drain(pool.imap(_encode_chunk, chunks, chunksize=1), writer, tally, stats, bar)
+            else:
+                _drain(map(_encode_chunk, chunks), writer, tally, stats, bar)
     finally:
         _STATE.clear()
-        bar.close()
     index = writer.close()
     return index, tally, stats
 

@@ -14,7 +14,6 @@ nodes memory-maps the shards instead of each node re-processing the data.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -215,18 +214,17 @@ def open_prepared(out_dir, packed: bool | None = None):
 
 
 def run(argv: list[str]) -> int:
-    """`hpctrain prep config.toml [--key value ...]` (mode from --mode sft|pt)."""
-    from hpctrain.config import load_config
+    """`hpctrain prep [config.toml] [--mode sft|pt] [--key value ...]`."""
+    from hpctrain.cli_args import CommandLine, flag
 
     from .tokenizer import load_tokenizer
 
-    ap = argparse.ArgumentParser(prog="hpctrain prep", description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="?", help="TOML config (its [data] and [model] sections)")
-    ap.add_argument("--mode", choices=("sft", "pt"), default="sft")
-    args, overrides = ap.parse_known_args(argv)
+    line = CommandLine("hpctrain prep", __doc__.splitlines()[0], mode="prep", all_keys=True, flags=[
+        flag("--mode", choices=("sft", "pt"), default="sft", help="tokenize for sft (templates) or pt (plain text)")])
+    args = line.parse(argv)
     logging.basicConfig(level=logging.INFO, format="[prep] %(message)s")
     try:
-        cfg = load_config(args.config, overrides, mode=args.mode)
+        cfg = args.cfg
         opts = DataOptions.from_config(cfg, mode=args.mode)
         if not opts.prep_dir:
             raise DataError("data.prep_dir is not set: say where the shards go (--prep_dir DIR)", "prep")

@@ -10,7 +10,6 @@ export/reshard/prep run one process on one node (export on one GPU, reshard/prep
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import secrets
@@ -43,23 +42,22 @@ def program_argv(program: str | None, mode: str, config: Path) -> list[str]:
     return [sys.executable, "-m", program, str(config)]
 
 
-def _parser() -> argparse.ArgumentParser:
-    from hpctrain.plan.cli import planner_args
+def command_line():
+    from hpctrain.cli_args import CommandLine, flag
+    from hpctrain.plan.cli import PLANNER_FLAGS
 
-    p = argparse.ArgumentParser(prog="hpctrain submit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    planner_args(p)
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print the plan and the rendered sbatch script; submit nothing")
-    p.add_argument("--mode", choices=("sft", "pt"), default="sft", help="training subcommand run by each task")
-    p.add_argument("--program", default=None,
-                   help="run this Python module (or .py file) per rank instead of hpctrain.cli sft/pt (custom workloads); it "
-                        "receives the job folder's config.toml as its argument")
-    p.add_argument("--cpu", action="store_true", help="request no GPUs: gpus_per_node processes per node on CPUs")
-    p.add_argument("--wait", action="store_true", help="block until the job ends and print its result")
-    p.add_argument("--profile", default=None, help="cluster profile: a TOML file with a [slurm] section "
-                                                   "(the job's [slurm] values and flags win over it)")
-    return p
+    return CommandLine("hpctrain submit", __doc__, mode="sft", all_keys=True, flags=[
+        *PLANNER_FLAGS,
+        flag("--dry_run", kind="bool", default=False, help="print the plan and the rendered sbatch script; "
+                                                            "submit nothing"),
+        flag("--mode", choices=("sft", "pt"), default="sft", help="training subcommand run by each task"),
+        flag("--program", help="run this Python module (or .py file) per rank instead of hpctrain.cli sft/pt "
+                               "(custom workloads); it receives the job folder's config.toml as its argument"),
+        flag("--cpu", kind="bool", default=False, help="request no GPUs: gpus_per_node processes per node on CPUs"),
+        flag("--wait", kind="bool", default=False, help="block until the job ends and print its result"),
+        flag("--profile", help="cluster profile: a TOML file with a [slurm] section (the job's [slurm] values "
+                               "and flags win over it)"),
+    ])
 
 
 def _submit(params: dict[str, Any], folder: Path, task: TrainTask, max_requeue: int):
@@ -103,19 +101,18 @@ def _sbatch_refused(e: Exception) -> int:
 
 
 def submit_training(argv: list[str]) -> int:
-    from hpctrain.config import ConfigError, config_from_argv, dump_toml, split_argv
+    from hpctrain.config import ConfigError, dump_toml
     from hpctrain.launch.profile import apply_profile
     from hpctrain.plan.cli import cluster_from
     from hpctrain.plan.layout import LayoutError
     from hpctrain.plan.planner import make_plan
     from hpctrain.plan.report import format_plan
 
-    args, rest = _parser().parse_known_args(argv)
     try:
-        cfg = config_from_argv(rest, mode=args.mode)
+        args = command_line().parse(argv)
+        cfg = args.cfg
         if args.profile:
-            path, tokens = split_argv(rest)
-            apply_profile(cfg, args.profile, path, tokens)
+            apply_profile(cfg, args.profile, args.config, args.overrides)
         cluster = cluster_from(args, cfg)
         cfg.slurm.nodes, cfg.slurm.gpus_per_node = cluster.nodes, cluster.gpus_per_node
         plan = make_plan(cfg, cluster, args.gpu_memory_gib, auto=args.auto)
@@ -146,18 +143,21 @@ def submit_training(argv: list[str]) -> int:
 
 
 def submit_one_node(command: str, argv: list[str]) -> int:
-    from hpctrain.config import ConfigError, JobConfig, config_from_argv
+    from hpctrain.cli_args import CommandLine, flag
+    from hpctrain.config import ConfigError, JobConfig, load_config
     from hpctrain.launch.profile import apply_profile
 
-    p = argparse.ArgumentParser(prog=f"hpctrain submit {command}")
-    p.add_argument("--profile", default=None, help="TOML file whose [slurm] section describes the cluster")
-    p.add_argument("--gpus", type=int, default=ONE_NODE_COMMANDS[command], help="GPUs for the job (0 = CPU only)")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true")
-    p.add_argument("--wait", action="store_true")
-    args, rest = p.parse_known_args(argv)
     try:
-        own = rest[0] if command == "prep" and rest and not rest[0].startswith("--") else None
-        cfg = config_from_argv([own], mode="prep") if own else JobConfig()  # prep's config carries [slurm]
+        args = CommandLine(f"hpctrain submit {command}", f"run `hpctrain {command} ARGS...` as a one-node job; "
+                           f"every flag not listed here goes to `hpctrain {command}`", passthrough=True, flags=[
+            flag("--profile", help="TOML file whose [slurm] section describes the cluster"),
+            flag("--gpus", type=int, default=ONE_NODE_COMMANDS[command], help="GPUs for the job (0 = CPU only)"),
+            flag("--dry_run", kind="bool", default=False, help="print the sbatch script; submit nothing"),
+            flag("--wait", kind="bool", default=False, help="block until the job ends"),
+        ]).parse(argv)
+        rest = args.rest
+        own = next((t for t in rest if t.endswith(".toml")), None)  # the command's config carries [slurm]
+        cfg = load_config(own, mode="prep") if own else JobConfig()
         if args.profile:
             apply_profile(cfg, args.profile, own, [])
         slurm = cfg.slurm

@@ -40,9 +40,11 @@ def _under_launcher() -> bool:
 
 
 def _run(argv: list[str], mode: str) -> int:
-    from hpctrain.config import config_from_argv
+    from hpctrain.cli_args import CommandLine
 
-    cfg = config_from_argv(argv, mode=mode)
+    doc = {"sft": "supervised fine-tuning", "pt": "pretraining / continued pretraining"}[mode]
+    cfg = CommandLine(f"hpctrain {mode}", f"{doc} in this allocation (torchrun/srun/1 process); see "
+                      "hpctrain/train/entry.py's launch modes", flags=[], mode=mode, all_keys=True).parse(argv).cfg
     nproc = cfg.launch.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1") or 1)
     if nproc > 1 and not _under_launcher():
         return spawn_torchrun(cfg, argv, mode, nproc)

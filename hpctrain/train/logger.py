@@ -1,4 +1,4 @@
-"""Rank-0 training logs: progress line, TensorBoard, logging.jsonl, PNG loss curve, throughput and MFU.
+"""Rank-0 training logs: progress line, TensorBoard, logging.jsonl, the training-curves PNG, throughput and MFU.
 
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token (forward + backward):
 6 x non-embedding params + 6 x hidden x vocab (output layer) + 6 x layers x hidden x seq
@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from hpctrain.progress import Progress, format_duration
 
 log = logging.getLogger("hpctrain.train")
 
@@ -46,11 +49,6 @@ def flops_per_token(cfg, seq_len: int) -> float:
     return 6 * non_emb + 6 * h * V + 6 * L * h * seq_len
 
 
-def _fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 class TrainLogger:
     """Only rank 0 writes. ``out_dir`` holds logging.jsonl and the PNG; TensorBoard goes to tb_dir."""
 
@@ -61,6 +59,9 @@ class TrainLogger:
         self.history: list[dict] = []
         self.tb = None
         self._last_t, self._last_it = time.time(), None
+        # Batch logs (not a terminal) also get a count / rate / ETA line every few seconds, between
+        # the log_interval lines; on a terminal those lines are enough.
+        self.progress: Progress | None = None
         if is_main and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             tb_dir = cfg.log.tensorboard_dir or str(self.out / "runs")
@@ -88,6 +89,10 @@ class TrainLogger:
         self._tb(it, {"train/loss": res.loss, "train/lr": res.lr, "train/grad_norm": res.grad_norm,
                       "train/tokens_per_s_per_gpu": tps, "train/mem_gib": rec.get("mem_gib"),
                       "train/mfu": rec.get("mfu")})
+        if self.progress is None:
+            self.progress = Progress(self.total, "train", "iterations", initial=it - 1,
+                                     enabled=not sys.stderr.isatty())
+        self.progress.update(1)
         if it % max(self.cfg.log.log_interval, 1) == 0 or it == self.total:
             log.info(self._line(rec))
 
@@ -102,7 +107,7 @@ class TrainLogger:
                  f"grad_norm {gn}", f"tokens/s/gpu {r['tokens_per_s_per_gpu']:.1f}",
                  f"mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else "mfu n/a",
                  f"mem {r['mem_gib']:.1f}GiB" if "mem_gib" in r else "mem n/a",
-                 f"elapsed {_fmt_time(el)}", f"eta {_fmt_time(eta)}"]
+                 f"elapsed {format_duration(el)}", f"eta {format_duration(eta)}"]
         return " | ".join(parts)
 
     def eval(self, it: int, loss: float) -> None:
@@ -130,6 +135,8 @@ class TrainLogger:
     def close(self) -> None:
         if not self.is_main:
             return
+        if self.progress is not None:
+            self.progress.close()
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
@@ -137,19 +144,13 @@ class TrainLogger:
             self._plot()
 
     def _plot(self) -> None:
+        """The curves PNG (train/plot.py). Never raises: a full disk here must not hide a save error."""
+        from hpctrain.train import plot
+
         try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            plot.plot_log(self.out / plot.LOG_NAME)
         except ImportError:
-            log.warning("matplotlib not installed: no loss curve PNG")
-            return
-        its = [r["iteration"] for r in self.history]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(its, [r["loss"] for r in self.history], label="train loss")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("loss")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.out / "train_loss.png", dpi=100)
-        plt.close(fig)
+            log.warning("no training-curves PNG: %s", plot.INSTALL_HINT)
+        except (OSError, ValueError) as e:
+            log.warning("could not write the training-curves PNG in %s: %s (`hpctrain plot %s` draws it later)",
+                        self.out, e, self.out)
