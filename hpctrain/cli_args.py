@@ -4,8 +4,8 @@
 
 * Flags are spelled with underscores or dashes (``--gpus_per_node`` = ``--gpus-per-node``), and a
   command accepts the Megatron-SWIFT / ms-swift spelling where one exists (``reshard --output_dir``
-  = ``--out``). A bool flag takes true/false (yes/no, on/off, 1/0) or stands alone for true; a list
-  flag takes every value up to the next ``--flag``.
+  = ``--out``). A bool flag takes true/false (yes/no, on/off, 1/0) or stands alone for true (so
+  put positional arguments first); a list flag takes every value up to the next ``--flag``.
 * ``config.toml`` is optional for every command. A command's flag that is also a config key
   (``infer --system`` is ``data.system``) takes its default from the file.
 * Training-side commands (sft, pt, prep, plan, submit) take every config key as a flag
@@ -52,14 +52,6 @@ def _norm(name: str) -> str:
 
 def _is_flag(token: str) -> bool:
     return token.startswith("--") and len(token) > 2
-
-
-def _is_bool(token: str) -> bool:
-    try:
-        parse_bool(token)
-    except ValueError:
-        return False
-    return True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,7 +121,10 @@ class CommandLine:
         ns = argparse.Namespace(**{f.dest: f.default for f in self.flags})
         ns.given = set()
         for f, values in own:
-            setattr(ns, f.dest, self._convert(f, values))
+            value = self._convert(f, values)
+            if f.kind == "list" and f.dest in ns.given:  # a repeated list flag adds to it (--query a --query b)
+                value = getattr(ns, f.dest) + value
+            setattr(ns, f.dest, value)
             ns.given.add(f.dest)
         if self.passthrough:  # everything that is not ours goes on, in order, to another command
             ns.rest, overrides, bare = overrides, [], []
@@ -197,11 +192,7 @@ class CommandLine:
                     while i < len(argv) and not _is_flag(argv[i]):
                         values.append(argv[i])
                         i += 1
-                elif f.kind == "bool":
-                    if i < len(argv) and _is_bool(argv[i]):
-                        values.append(argv[i])
-                        i += 1
-                elif i < len(argv) and (not _is_flag(argv[i])):
+                elif i < len(argv) and not _is_flag(argv[i]):  # a bool takes one too, as config flags do
                     values.append(argv[i])
                     i += 1
             own.append((f, values))

@@ -6,7 +6,6 @@ what their absence disables.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import importlib.util
@@ -14,6 +13,7 @@ import platform
 import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 SLURM_COMMANDS = ("sbatch", "srun", "squeue", "scancel", "sinfo")
 
@@ -58,11 +58,14 @@ def check_torch() -> list[Check]:
 
 
 def check_megatron() -> list[Check]:
+    from hpctrain.train.mcore_version import SUPPORTED, unsupported
+
     version = _version("megatron-core")
     if version is None or not _present("megatron.core"):
-        return [Check("megatron-core", False, "not installed: pip install 'megatron-core>=0.16.1,<0.17'",
+        return [Check("megatron-core", False, f"not installed: pip install 'megatron-core{SUPPORTED}'",
                       required=True)]
-    return [Check("megatron-core", True, version, required=True)]
+    problem = unsupported(version)
+    return [Check("megatron-core", problem is None, problem or version, required=True)]
 
 
 def check_optional_kernels() -> list[Check]:
@@ -106,8 +109,8 @@ def check_misc() -> list[Check]:
 
 
 def collect() -> list[Check]:
-    py = Check("python", sys.version_info >= (3, 10), f"{platform.python_version()} ({sys.executable})",
-               required=True)
+    py = Check("python", sys.version_info >= (3, 11), f"{platform.python_version()} ({sys.executable})"
+               + ("" if sys.version_info >= (3, 11) else ": hpctrain needs Python >= 3.11 (tomllib)"), required=True)
     return [py, *check_torch(), *check_megatron(), *check_optional_kernels(), *check_native(), *check_misc()]
 
 
@@ -123,9 +126,31 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
+def check_job(cfg, config: str) -> list[Check]:
+    """What the job in ``config`` needs of this machine: its model and dataset files, TE if it asks for it."""
+    checks = []
+    for key, value in (("model.model", cfg.model.model), ("model.load", cfg.model.load)):
+        if value:
+            ok = Path(value).exists()
+            checks.append(Check(key, ok, value if ok else f"{value}: not found (from {config})", required=True))
+    for spec in [*cfg.data.dataset, *cfg.data.val_dataset]:
+        from hpctrain.data.sources import resolves_locally
+
+        ok, detail = resolves_locally(spec)
+        checks.append(Check(f"dataset {spec}", ok, detail, required=True))
+    if cfg.model.transformer_impl == "transformer_engine":
+        te = _present("transformer_engine")
+        checks.append(Check("model.transformer_impl", te, "transformer_engine" if te else
+                            "transformer_engine is asked for but not installed: pip install 'hpctrain[te]' "
+                            "or set transformer_impl = \"local\"", required=True))
+    return checks
+
+
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hpctrain doctor", description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
-    checks = collect()
+    from hpctrain.cli_args import CommandLine
+
+    args = CommandLine("hpctrain doctor", __doc__.split("\n\n")[0] + " With config.toml: also what that job "
+                       "needs (model and dataset files, Transformer Engine).", flags=[]).parse(argv)
+    checks = collect() + (check_job(args.cfg, args.config) if args.cfg is not None else [])
     print(render(checks))
     return 1 if any(c.required and not c.ok for c in checks) else 0

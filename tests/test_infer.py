@@ -68,10 +68,10 @@ def test_query_greedy_is_deterministic_and_stream_prints_same_text(tiny_model, c
 
 
 def test_system_prompt_changes_the_rendered_conversation(tiny):
-    from hpctrain.infer import _messages
+    from hpctrain.infer import messages
 
     tok = tiny[1]
-    text = tok.apply_chat_template(_messages("hi", "You are X."), add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(messages("hi", "You are X."), add_generation_prompt=True, tokenize=False)
     assert "<|im_start|>system\nYou are X.<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
 

@@ -29,7 +29,8 @@ from .packing import load_packing, pack_split
 from .pipeline import tokenize_to_shards
 from .pretrain import PtWindowDataset, write_pt_index
 from .shards import PackedDataset, TokenDataset, fsync_path
-from .sources import ALIASES, ASSETS, parse_spec
+from . import layouts
+from .sources import local_path, parse_spec
 from .template import Encoder
 from .tokenizer import tokenizer_files
 
@@ -45,16 +46,14 @@ def _file_stamp(path: Path) -> dict:
 
 
 def _spec_stamp(raw: str) -> dict:
-    spec = parse_spec(raw)
-    path = spec.path
-    if path in ALIASES and not os.path.exists(path):
-        path = str(ASSETS / ALIASES[path])
+    path = local_path(parse_spec(raw))
     p = Path(path)
     if p.is_file():
         return {"spec": raw, **_file_stamp(p)}
-    if p.is_dir():
-        return {"spec": raw, "files": {str(f.relative_to(p)): _file_stamp(f) for f in sorted(p.rglob("*"))
-                                       if f.is_file()}}
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else \
+        [Path(f) for f in layouts.expand_glob(path)] if layouts.GLOB_CHARS.search(path) else []
+    if files:
+        return {"spec": raw, "files": {str(f.relative_to(p) if p.is_dir() else f): _file_stamp(f) for f in files}}
     return {"spec": raw}
 
 

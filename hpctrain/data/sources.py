@@ -1,14 +1,16 @@
 """Where rows come from: dataset specs, row sources with random access, and #N sampling.
 
-A spec is ``path[:subset][#N]``. ``path`` is a local ``.jsonl`` / ``.json`` (array) /
-``.parquet`` / ``.csv`` file, a directory saved by HF ``datasets`` (``save_to_disk``), one of the
-bundled aliases (the seed's hub names resolve to copies in ``hpctrain/assets/data``), or a hub
-name loaded with ``datasets.load_dataset``. Every source gives random access to rows by number
+A spec is ``path[:subset][#N]``. ``path`` is a local ``.jsonl`` / ``.jsonl.gz`` / ``.json``
+(array) / ``.parquet`` / ``.arrow`` / ``.csv`` file, a glob of such files, a directory saved by HF
+``datasets`` (``save_to_disk``; ``:subset`` picks the split), a hub snapshot folder of data files
+(``:subset`` picks the split; see layouts.py), one of the bundled aliases (the seed's hub names
+resolve to copies in ``hpctrain/assets/data``), or a hub name loaded with ``datasets.load_dataset``. Every source gives random access to rows by number
 and names a row's location (``file:line`` or ``file row N``) for error messages, so the pipeline
 keeps only row numbers in memory and reads rows when it tokenizes them.
 """
 from __future__ import annotations
 
+import glob as globlib
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import layouts
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,7 @@ ALIASES = {
     "AI-ModelScope/alpaca-gpt4-data-en": "alpaca_gpt4_en.jsonl",
     "swift/self-cognition": "self_cognition.jsonl",
 }
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".arrow", ".csv")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class JsonlSource:
     """A .jsonl file indexed by byte offsets of its non-blank lines; rows are read on demand."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = self.label = path  # label: the name errors show (layouts.py's .gz copies name the .gz)
         offsets, lengths, lines = [], [], []
         try:
             with open(path, "rb") as f:
@@ -86,7 +89,7 @@ class JsonlSource:
         return len(self.offsets)
 
     def where(self, i: int) -> str:
-        return f"{self.path}:{int(self.lines[i])}"
+        return f"{self.label}:{int(self.lines[i])}"
 
     def _file(self):
         if self._fh is None or self._pid != os.getpid():  # one handle per process (after fork)
@@ -159,19 +162,31 @@ def _load_json_array(path: str) -> ListSource:
     return ListSource(path, data)
 
 
-def _load_table(path: str, kind: str) -> ArrowSource:
+def _load_csv(path: str) -> ArrowSource:
+    import pyarrow.csv as pcsv
     try:
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-            table = pq.read_table(path)
-        else:
-            import pyarrow.csv as pcsv
-            table = pcsv.read_csv(path)
+        table = pcsv.read_csv(path)
     except OSError as e:
         raise DataError(f"cannot read dataset file {path}: {e}", "unreadable") from e
     except Exception as e:  # pyarrow raises ArrowInvalid for corrupt files
-        raise DataError(f"cannot parse {kind} file {path}: {e}", "unreadable") from e
+        raise DataError(f"cannot parse csv file {path}: {e}", "unreadable") from e
     return ArrowSource(path, table)
+
+
+def _is_saved_dir(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_dir(path: str, subset: str | None):
+    """A save_to_disk directory, else a hub snapshot folder of data files."""
+    if _is_saved_dir(Path(path)):
+        return _load_saved_dir(path, subset)
+    splits = layouts.snapshot_splits(Path(path), FILE_SUFFIXES)
+    if not splits:
+        raise DataError(f"{path}: not a directory saved by datasets.save_to_disk, and holds no data files "
+                        f"({', '.join(FILE_SUFFIXES)}) of a hub snapshot", "unreadable")
+    files = layouts.pick_split(Path(path), splits, subset)
+    return layouts.ConcatSource(path, [open_file(f, path) for f in files])
 
 
 def _load_saved_dir(path: str, subset: str | None) -> ListSource:
@@ -204,29 +219,64 @@ def _load_hub(name: str, subset: str | None) -> ListSource:
     return ListSource(f"hub:{name}", ds)
 
 
+def open_file(path: str, spec: str):
+    """One local data file by its suffix."""
+    name = path.lower()
+    if not os.path.exists(path):
+        raise DataError(f"dataset file {path} does not exist (spec {spec!r})", "unreadable")
+    if name.endswith(".jsonl"):
+        return JsonlSource(path)
+    if name.endswith(".jsonl.gz"):
+        return layouts.gzip_jsonl_source(path)
+    if name.endswith(".json"):
+        return _load_json_array(path)
+    if name.endswith(".parquet"):
+        return layouts.parquet_source(path)
+    if name.endswith(".arrow"):
+        return layouts.MappedArrowSource(path)
+    if name.endswith(".csv"):
+        return _load_csv(path)
+    raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}, a glob of them, "
+                    "a directory saved by datasets.save_to_disk or a hub snapshot folder", "format")
+
+
+def local_path(spec: DatasetSpec) -> str:
+    """The path a spec names on this machine (a bundled alias resolved)."""
+    if spec.path in ALIASES and not os.path.exists(spec.path):
+        return str(ASSETS / ALIASES[spec.path])
+    return spec.path
+
+
 def open_source(spec: DatasetSpec):
     """Open the rows a spec names (no sampling)."""
-    path = spec.path
-    if path in ALIASES and not os.path.exists(path):
-        local = ASSETS / ALIASES[path]
-        log.info("dataset %s -> bundled copy %s (offline alias)", path, local)
-        path = str(local)
+    path = local_path(spec)
+    if path != spec.path:
+        log.info("dataset %s -> bundled copy %s (offline alias)", spec.path, path)
     p = Path(path)
     if p.is_dir():
-        return _load_saved_dir(path, spec.subset)
-    suffix = p.suffix.lower()
-    if p.exists() or suffix in FILE_SUFFIXES:
-        if not p.exists():
-            raise DataError(f"dataset file {path} does not exist (spec {spec.raw!r})", "unreadable")
-        if suffix == ".jsonl":
-            return JsonlSource(path)
-        if suffix == ".json":
-            return _load_json_array(path)
-        if suffix in (".parquet", ".csv"):
-            return _load_table(path, suffix[1:])
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)} "
-                        "or a directory saved by datasets.save_to_disk", "format")
+        return _load_dir(path, spec.subset)
+    if not p.exists() and layouts.GLOB_CHARS.search(path):
+        return layouts.ConcatSource(path, [open_file(f, spec.raw) for f in layouts.expand_glob(path)])
+    if p.exists() or path.lower().endswith(FILE_SUFFIXES):
+        return open_file(path, spec.raw)
     return _load_hub(path, spec.subset)
+
+
+def resolves_locally(raw: str) -> tuple[bool, str]:
+    """(found, what) for `hpctrain doctor`: does the spec name local data (else a hub download)?"""
+    try:
+        spec = parse_spec(raw)
+    except DataError as e:
+        return False, str(e)
+    path = local_path(spec)
+    if os.path.exists(path):
+        return True, path
+    if layouts.GLOB_CHARS.search(path):
+        n = len(globlib.glob(path, recursive=True))
+        return n > 0, f"{n} files match {path}" if n else f"no file matches {path}"
+    if path.lower().endswith(FILE_SUFFIXES):
+        return False, f"{path}: no such file"
+    return True, f"{path}: a hub name, downloaded when the hub is reachable"
 
 
 def sample_rows(n_rows: int, count: int | None, rng: np.random.Generator) -> np.ndarray:

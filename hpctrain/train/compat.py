@@ -1,4 +1,4 @@
-"""Compatibility layer: megatron-core 0.16.1 on CPU (gloo) and on GPUs without TE/apex.
+"""Compatibility layer: megatron-core 0.16.1 to 0.19 on CPU (gloo) and on GPUs without TE/apex.
 
 megatron-core assumes CUDA in a handful of places. Everything this project does to get past
 those assumptions lives here, applied once per process by ``apply(device_type)`` before any
@@ -41,8 +41,10 @@ CPU-only patches (``device_type == "cpu"``):
 * ``tensor.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers and clip_grads:
   ``Tensor.type()`` reports CPU tensors under the CUDA type names (``tensor.type()`` with no argument only).
 
-``apply`` is idempotent and refuses a megatron-core version other than the one it was written for
-(set ``HPCTRAIN_COMPAT_ANY_MCORE=1`` to try anyway, with a warning).
+Versions: every patch below was checked against 0.16.1 and 0.19.2 (the code it replaces is the
+same in both; the one signature that changed, the thd RoPE's, is handled where it is used:
+model/portable/rope.py). ``apply`` is idempotent and refuses a megatron-core outside
+mcore_version.SUPPORTED (set ``HPCTRAIN_COMPAT_ANY_MCORE=1`` to try anyway, with a warning).
 """
 from __future__ import annotations
 
@@ -58,7 +60,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MCORE = "0.16.1"
 _applied: set[str] = set()
 
 
@@ -86,15 +87,15 @@ def applied() -> frozenset[str]:
 def _check_mcore_version() -> None:
     from megatron.core import package_info
 
-    found = package_info.__version__
-    if found == SUPPORTED_MCORE:
+    from hpctrain.train.mcore_version import OVERRIDE_ENV, unsupported
+
+    msg = unsupported(package_info.__version__)
+    if msg is None:
         return
-    msg = (f"hpctrain.train.compat was written for megatron-core {SUPPORTED_MCORE}, found {found}; "
-           f"its patches may not match. Install megatron-core=={SUPPORTED_MCORE}")
-    if os.environ.get("HPCTRAIN_COMPAT_ANY_MCORE") == "1":
-        warnings.warn(msg + " (continuing: HPCTRAIN_COMPAT_ANY_MCORE=1)")
+    if os.environ.get(OVERRIDE_ENV) == "1":
+        warnings.warn(msg + f"; its patches may not match (continuing: {OVERRIDE_ENV}=1)")
         return
-    raise RuntimeError(msg + " or set HPCTRAIN_COMPAT_ANY_MCORE=1 to try anyway.")
+    raise RuntimeError(msg + f", or set {OVERRIDE_ENV}=1 to try anyway.")
 
 
 # ----------------------------------------------------------------------------- device-independent

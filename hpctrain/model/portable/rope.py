@@ -14,27 +14,31 @@ token, megatron's "exact mapping" case) are passed through to the original funct
 """
 from __future__ import annotations
 
+import inspect
+
 _ORIGINAL = {}
 
 
-def _fast_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False,
-              mscale=1.0, cp_group=None):
+def _fast_thd(t, cu_seqlens, freqs, *args, **kwargs):
+    # The caller's options are passed on by name: megatron-core 0.17 renamed multi_latent_attention
+    # to mla_rotary_interleaved (0.16.1: rotary_interleaved, multi_latent_attention, mscale, cp_group).
     from megatron.core.models.common.embeddings import rope_utils
 
     from hpctrain.model.portable.attention import _get_plan
 
     original = _ORIGINAL["thd"]
+    options = inspect.signature(original).bind(t, cu_seqlens, freqs, *args, **kwargs).arguments
+    cp_group = options.pop("cp_group", None)
     cp_size = cp_group.size() if cp_group is not None else 1
     cp_rank = cp_group.rank() if cp_size > 1 else 0
     total = t.shape[0] * cp_size
     if freqs.dim() >= 1 and freqs.size(0) == total and cu_seqlens.numel() > 2:
-        return original(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention, mscale,
-                        cp_group)
+        return original(t, cu_seqlens, freqs, *args, **kwargs)
     plan = _get_plan(cu_seqlens, total, t.shape[0], cp_size, cp_rank, t.device)
     pos = plan.positions()
-    return rope_utils._apply_rotary_pos_emb_bshd(
-        t.unsqueeze(1), freqs.index_select(0, pos), rotary_interleaved=rotary_interleaved,
-        multi_latent_attention=multi_latent_attention, mscale=mscale).squeeze(1)
+    for name in ("t", "cu_seqlens", "freqs"):
+        options.pop(name)
+    return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs.index_select(0, pos), **options).squeeze(1)
 
 
 def install() -> None:
