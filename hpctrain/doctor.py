@@ -146,11 +146,15 @@ def check_job(cfg, config: str) -> list[Check]:
     return checks
 
 
-def run(argv: list[str]) -> int:
+def command_line():
     from hpctrain.cli_args import CommandLine
 
-    args = CommandLine("hpctrain doctor", __doc__.split("\n\n")[0] + " With config.toml: also what that job "
-                       "needs (model and dataset files, Transformer Engine).", flags=[]).parse(argv)
+    return CommandLine("hpctrain doctor", __doc__.split("\n\n")[0] + " With config.toml: also what that job "
+                       "needs (model and dataset files, Transformer Engine).", flags=[])
+
+
+def run(argv: list[str]) -> int:
+    args = command_line().parse(argv)
     checks = collect() + (check_job(args.cfg, args.config) if args.cfg is not None else [])
     print(render(checks))
     return 1 if any(c.required and not c.ok for c in checks) else 0

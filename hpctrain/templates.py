@@ -48,12 +48,16 @@ def write_templates(out: Path, overwrite: bool = False, job=None) -> list[Path]:
     return written
 
 
-def run(argv: list[str]) -> int:
+def command_line():
     from hpctrain.cli_args import CommandLine, Positional, flag
 
-    args = CommandLine("hpctrain templates", __doc__.split("\n\n")[0], flags=[
+    return CommandLine("hpctrain templates", __doc__.split("\n\n")[0], flags=[
         flag("--overwrite", "--exist_ok", kind="bool", default=False, help="replace files that exist")],
-        positionals=[Positional("dir", "folder to write into (created when missing)")]).parse(argv)
+        positionals=[Positional("dir", "folder to write into (created when missing)")])
+
+
+def run(argv: list[str]) -> int:
+    args = command_line().parse(argv)
     out = Path(args.dir)
     try:
         written = write_templates(out, args.overwrite, args.cfg)

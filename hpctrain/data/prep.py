@@ -212,15 +212,18 @@ def open_prepared(out_dir, packed: bool | None = None):
     return out[0], out[1]
 
 
-def run(argv: list[str]) -> int:
-    """`hpctrain prep [config.toml] [--mode sft|pt] [--key value ...]`."""
+def command_line():
     from hpctrain.cli_args import CommandLine, flag
 
+    return CommandLine("hpctrain prep", __doc__.splitlines()[0], mode="prep", all_keys=True, flags=[
+        flag("--mode", choices=("sft", "pt"), default="sft", help="tokenize for sft (templates) or pt (plain text)")])
+
+
+def run(argv: list[str]) -> int:
+    """`hpctrain prep [config.toml] [--mode sft|pt] [--key value ...]`."""
     from .tokenizer import load_tokenizer
 
-    line = CommandLine("hpctrain prep", __doc__.splitlines()[0], mode="prep", all_keys=True, flags=[
-        flag("--mode", choices=("sft", "pt"), default="sft", help="tokenize for sft (templates) or pt (plain text)")])
-    args = line.parse(argv)
+    args = command_line().parse(argv)
     logging.basicConfig(level=logging.INFO, format="[prep] %(message)s")
     try:
         cfg = args.cfg

@@ -39,12 +39,16 @@ def _under_launcher() -> bool:
         os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1) > 1)
 
 
-def _run(argv: list[str], mode: str) -> int:
+def command_line(mode: str = "sft"):
     from hpctrain.cli_args import CommandLine
 
     doc = {"sft": "supervised fine-tuning", "pt": "pretraining / continued pretraining"}[mode]
-    cfg = CommandLine(f"hpctrain {mode}", f"{doc} in this allocation (torchrun/srun/1 process); see "
-                      "hpctrain/train/entry.py's launch modes", flags=[], mode=mode, all_keys=True).parse(argv).cfg
+    return CommandLine(f"hpctrain {mode}", f"{doc} in this allocation (torchrun, srun or one process)",
+                       flags=[], mode=mode, all_keys=True)
+
+
+def _run(argv: list[str], mode: str) -> int:
+    cfg = command_line(mode).parse(argv).cfg
     nproc = cfg.launch.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1") or 1)
     if nproc > 1 and not _under_launcher():
         return spawn_torchrun(cfg, argv, mode, nproc)

@@ -104,17 +104,20 @@ def plot_log(log: Path, out: Path | None = None) -> Path:
     return out
 
 
+def command_line():
+    from hpctrain.cli_args import CommandLine, Positional, flag
+
+    return CommandLine("hpctrain plot", "draw a run's training curves (loss, validation loss, learning rate, "
+                       "grad norm, throughput) into a PNG; works while the run is still going", flags=[
+        flag("--output", help="PNG to write (default: RUN/train_loss.png)"),
+    ], positionals=[Positional("run", "run folder (holds logging.jsonl) or the --save root", config="checkpoint.save")])
+
+
 def run(argv: list[str]) -> int:
     """`hpctrain plot [RUN] [config.toml] [--output FILE]`."""
     import sys
 
-    from hpctrain.cli_args import CommandLine, Positional, flag
-
-    args = CommandLine("hpctrain plot", "draw a run's training curves (loss, validation loss, learning rate, "
-                       "grad norm, throughput) into a PNG; works while the run is still going", flags=[
-        flag("--output", help="PNG to write (default: RUN/train_loss.png)"),
-    ], positionals=[Positional("run", "run folder (holds logging.jsonl) or the --save root", config="checkpoint.save")]
-    ).parse(argv)
+    args = command_line().parse(argv)
     try:
         log = find_log(args.run)
         png = plot_log(log, Path(args.output) if args.output else None)
