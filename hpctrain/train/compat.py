@@ -21,6 +21,9 @@ CPU-only patches (``device_type == "cpu"``):
 * ``torch.cuda.current_device()`` raises without CUDA; megatron-core passes its result as a
   ``device=`` argument (RoPE, p2p, DDP buffers, checkpoint saver). It returns the CPU device.
 * ``torch.cuda.synchronize()`` (schedules, checkpoint saver) becomes a no-op: CPU ops are synchronous.
+* megatron-core >= 0.17 only: the DDP grad-bucket sync asks for ``torch.cuda.current_stream()`` on
+  every step (to wait for CUDA-graph replays); on the CPU it gets a stream whose waits are no-ops
+  (CPU ops are synchronous, and there are no CUDA graphs to wait for).
 * The CUDA RNG tracker (``model_parallel_cuda_manual_seed``, the dropout ``fork``) reads and
   writes CUDA generator states; the CUDA RNG calls are backed by the CPU default generator, so
   the tracker's fork/restore semantics hold (one generator plays the device generator's role).
@@ -135,9 +138,28 @@ def _patch_checkpoint_without_output_fp8() -> None:
 
 
 # ----------------------------------------------------------------------------- CPU only
+class _CpuStream:
+    """What ``torch.cuda.current_stream()`` returns on the CPU: every wait is already satisfied."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
 def _patch_cuda_runtime_calls() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
+    if mcore_version() >= (0, 17):
+        torch.cuda.current_stream = lambda device=None: _CpuStream()
+
+
+def mcore_version() -> tuple[int, ...]:
+    """megatron-core's (major, minor, patch), for patches that only some versions need."""
+    from megatron.core import package_info
+
+    return tuple(int(x) for x in package_info.__version__.split(".")[:3] if x.isdigit())
 
 
 def _patch_rng_tracker() -> None:

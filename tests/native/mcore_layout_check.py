@@ -37,7 +37,8 @@ def main() -> None:
                             tensor_model_parallel_size=tp, params_dtype=torch.float32)
     spec = get_gpt_layer_local_spec().submodules
     attn = SelfAttention(cfg, spec.self_attention.submodules, layer_number=1, attn_mask_type=AttnMaskType.causal)
-    mlp = MLP(cfg, spec.mlp.submodules)
+    # 0.16: spec.mlp is ModuleSpec(MLP, submodules=...); 0.19: functools.partial(MLP.as_mlp_submodule, submodules=...)
+    mlp = MLP(cfg, getattr(spec.mlp, "submodules", None) or spec.mlp.keywords["submodules"])
 
     g = torch.Generator().manual_seed(1234)  # same HF weights on every rank
     wq, wk, wv = (torch.randn(n * d, hidden, generator=g) for n in (nh, ng, ng))
