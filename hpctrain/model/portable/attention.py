@@ -282,6 +282,11 @@ class PortableAttention(MegatronModule):
             if packed_seq_params.cp_group is not None and packed_seq_params.cp_group.size() > 1:
                 cp_group = packed_seq_params.cp_group
             attention_mask = None  # the segments define the mask (as with TE's thd path)
+        if not value.is_contiguous():
+            # value is a view into the fused QKV projection's output: kept for the backward it would
+            # keep that whole buffer alive (2.57 s*b*h bytes on the 7B shape, whose q and k parts the
+            # backward already holds as their RoPE'd copies); a copy of v alone is 0.29.
+            value = value.contiguous()
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
