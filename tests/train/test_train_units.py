@@ -43,8 +43,6 @@ def test_pad_microbatches_pads_labels_with_ignore_and_keeps_tokens():
 def test_packed_forward_plans_attention_from_host_offsets(monkeypatch):
     """forward_step builds the attention's masking plan from the CPU offsets before the model runs,
     so no layer reads cu_seqlens back from the device (a sync per micro-batch on a GPU)."""
-    from types import SimpleNamespace
-
     from megatron.core import parallel_state as ps
 
     from hpctrain.model.portable import attention
