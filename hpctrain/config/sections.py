@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from hpctrain.config.fields import opt
 
 DTYPES = ("float16", "bfloat16", "float32")
-RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe")
+# megatron-core's recompute_modules, plus hpctrain's "mlp_act" (the dense MLP's SwiGLU output; portable spec)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "mlp_act")
 
 
 @dataclass

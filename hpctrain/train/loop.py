@@ -135,6 +135,18 @@ def setup(cfg, info) -> tuple[list, Any, Any]:
     return chunks, opt, tcfg
 
 
+def _row_length(cfg, device) -> int | None:
+    """Packed rows on a GPU all get the packing length: every micro-batch then has one shape, so
+    flex_attention and the block-mask builder compile once (a new length recompiled them: one
+    23 s iteration in the 2026-12-02 lease). Rows are nearly full after packing, so the extra
+    padding is small; on the CPU nothing is compiled and rows keep their own length."""
+    if device.type != "cuda" or not cfg.data.packing:
+        return None
+    n = cfg.data.packing_length or cfg.data.max_length
+    m = _pad_multiple(cfg)
+    return -(-n // m) * m if n else None
+
+
 def _pad_multiple(cfg) -> int:
     p = cfg.parallel
     m = p.tensor_model_parallel_size if p.sequence_parallel else 1
@@ -176,7 +188,7 @@ def run(cfg, source: Callable, valid: Callable | None = None) -> RunResult:
 def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters, save_dir, logger):
     t, ck = cfg.train, cfg.checkpoint
     same_len = cfg.parallel.pipeline_model_parallel_size > 1
-    pad = _pad_multiple(cfg)
+    pad, row_len = _pad_multiple(cfg), _row_length(cfg, info.device)
     stop = StopRequest()
     if t.manual_gc:
         gc.disable()
@@ -199,7 +211,8 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
         while progress.iteration < iters:
             mbs = source(progress.consumed_train_samples, n_micro, t.micro_batch_size)
             t0 = time.time()
-            res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len)
+            res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len,
+                                  row_len)
             progress.iteration += 1
             progress.consumed_train_samples += t.global_batch_size
             losses.append(res.loss)
@@ -207,7 +220,7 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
             if t.manual_gc and t.manual_gc_interval and progress.iteration % t.manual_gc_interval == 0:
                 gc.collect()
             if valid is not None and eval_every and progress.iteration % eval_every == 0:
-                _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration, n_micro)
+                _evaluate(cfg, chunks, valid, info, (pad, row_len), same_len, logger, progress.iteration, n_micro)
             if ck.save_interval and progress.iteration % ck.save_interval == 0:
                 save()
             if stop.should_stop():
@@ -217,17 +230,18 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
                 return RunResult(REQUEUE_EXIT_CODE, progress.iteration, save_dir, losses, last_ckpt)
         save()
         if valid is not None and eval_every and progress.iteration % eval_every != 0:
-            _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration, n_micro)
+            _evaluate(cfg, chunks, valid, info, (pad, row_len), same_len, logger, progress.iteration, n_micro)
         return RunResult(0, progress.iteration, save_dir, losses, last_ckpt)
     finally:
         stop.restore()
 
 
-def _evaluate(cfg, chunks, valid, info, pad, same_len, logger, it, n_micro):
+def _evaluate(cfg, chunks, valid, info, pads, same_len, logger, it, n_micro):
+    """pads: (pad multiple, fixed row length or None), as for the training step."""
     # eval_iters counts global batches, as in Megatron-LM: each is n_micro micro-batches per DP rank.
     n = cfg.eval.eval_iters
     mbs = valid(n * n_micro if n and n > 0 else None, cfg.train.micro_batch_size)
     if not mbs:
         return
-    loss, _ = step.eval_step(chunks, mbs, info.device, pad, same_len)
+    loss, _ = step.eval_step(chunks, mbs, info.device, pads[0], same_len, pads[1])
     logger.eval(it, loss)

@@ -32,10 +32,13 @@ class StepResult:
     lr: float
 
 
-def pad_microbatches(mbs: list[dict], multiple: int, same_length: bool) -> list[dict]:
+def pad_microbatches(mbs: list[dict], multiple: int, same_length: bool,
+                     row_length: int | None = None) -> list[dict]:
     """Right-pad each micro-batch (labels -100) to a multiple of ``multiple`` and, for pipeline
-    parallelism (fixed p2p shapes), all to the same length."""
-    target = max(b["input_ids"].shape[1] for b in mbs) if same_length else None
+    parallelism (fixed p2p shapes), all to the same length; ``row_length`` pads every row to that
+    length (packed rows on a GPU: one shape, so compiled kernels are built once)."""
+    longest = max(b["input_ids"].shape[1] for b in mbs)
+    target = max(row_length, longest) if row_length else (longest if same_length else None)
     out = []
     for b in mbs:
         s = b["input_ids"].shape[1]
@@ -96,6 +99,7 @@ def model_inputs(b: dict, cp_size: int, cp_rank: int) -> tuple[dict, object]:
 def forward_step(device, data_iterator, model):
     """megatron-core forward_step_func: returns (output, loss_func)."""
     from megatron.core import parallel_state as ps
+    from hpctrain.model.portable.attention import _get_plan
     from hpctrain.model.portable.packing import packed_seq_params
 
     cp_size = ps.get_context_parallel_world_size()
@@ -104,7 +108,12 @@ def forward_step(device, data_iterator, model):
     psp = None
     if cu is not None:
         cp_group = ps.get_context_parallel_group() if cp_size > 1 else None
-        psp = packed_seq_params(cu.to(device), cp_group=cp_group)
+        psp = packed_seq_params(cu, cp_group=cp_group, device=device)
+        # The attention's masking plan from the host's offsets: no layer reads them back.
+        local = b["input_ids"].shape[1]
+        _get_plan(psp.cu_seqlens_q, local * cp_size, local, cp_size,
+                  ps.get_context_parallel_rank() if cp_size > 1 else 0, device,
+                  host_cu_seqlens=cu.tolist())
     labels = b["labels"]
     loss_mask = labels != IGNORE
     out = model(b["input_ids"], b["position_ids"], None, labels=labels.masked_fill(~loss_mask, 0),
@@ -164,9 +173,9 @@ def _run_schedule(chunks, microbatches, device, forward_only: bool):
 
 
 def train_step(chunks, optimizer, scheduler, microbatches, device, iteration: int, pad_multiple: int,
-               same_length: bool) -> StepResult:
+               same_length: bool, row_length: int | None = None) -> StepResult:
     """Forward+backward over the global batch's micro-batches, then one optimizer step."""
-    microbatches = pad_microbatches(microbatches, pad_multiple, same_length)
+    microbatches = pad_microbatches(microbatches, pad_multiple, same_length, row_length)
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
@@ -189,8 +198,9 @@ def train_step(chunks, optimizer, scheduler, microbatches, device, iteration: in
 
 
 @torch.no_grad()
-def eval_step(chunks, microbatches, device, pad_multiple: int, same_length: bool) -> tuple[float, int]:
-    microbatches = pad_microbatches(microbatches, pad_multiple, same_length)
+def eval_step(chunks, microbatches, device, pad_multiple: int, same_length: bool,
+              row_length: int | None = None) -> tuple[float, int]:
+    microbatches = pad_microbatches(microbatches, pad_multiple, same_length, row_length)
     for c in chunks:
         c.eval()
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -48,14 +49,17 @@ class _Plan:
 
     def __init__(self, cu_seqlens: Optional[list], total: int, local: int, cp_size: int,
                  cp_rank: int, device):
+        # Built on the host and copied with non-blocking (pinned) copies: a tensor made on a GPU
+        # from a Python list is a blocking copy that waits for all queued GPU work, which would
+        # stall the host once per micro-batch.
         self.total = total
-        self.q_index = (cp_token_index(cu_seqlens, total, cp_size, cp_rank, device)
-                        if cp_size > 1 else torch.arange(local, device=device))
-        self.perm = cp_gather_order(cu_seqlens, total, cp_size, device) if cp_size > 1 else None
+        self.q_index = _h2d(cp_token_index(cu_seqlens, total, cp_size, cp_rank)
+                            if cp_size > 1 else torch.arange(local), device)
+        self.perm = _h2d(cp_gather_order(cu_seqlens, total, cp_size), device) if cp_size > 1 else None
         if cu_seqlens is not None:
-            bounds = torch.tensor(cu_seqlens, device=device)
-            self.doc = torch.bucketize(torch.arange(total, device=device), bounds[1:], right=True)
-            self.starts = bounds[:-1]
+            bounds = torch.tensor(cu_seqlens)
+            self.doc = _h2d(torch.bucketize(torch.arange(total), bounds[1:], right=True), device)
+            self.starts = _h2d(bounds[:-1], device)
         else:
             self.doc = self.starts = None
         self._positions = None
@@ -105,21 +109,38 @@ class _Plan:
         return self._block[key]
 
 
-_PLAN_CACHE: dict = {}
+def _h2d(t: Tensor, device) -> Tensor:
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_PLAN_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PLAN_CACHE_SIZE = 16
 
 
 def _get_plan(cu_seqlens: Optional[Tensor], total: int, local: int, cp_size: int, cp_rank: int,
-              device) -> _Plan:
-    """One plan per (micro-batch, rank): every layer (and recompute) of a forward reuses it."""
+              device, host_cu_seqlens: Optional[list] = None) -> _Plan:
+    """One plan per (micro-batch, rank): every layer (and recompute) of a forward reuses it.
+
+    ``host_cu_seqlens`` (the same offsets as a list) spares reading a device tensor back: the
+    trainer builds the plan before the forward with it (train/step.py), so no layer syncs."""
     key = (None if cu_seqlens is None else (cu_seqlens.data_ptr(), cu_seqlens._version),
            total, local, cp_size, cp_rank, str(device))
-    hit = _PLAN_CACHE.get("entry")
-    if hit is not None and hit[0] == key:
-        return hit[2]
-    cu = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return hit[1]
+    cu = host_cu_seqlens
+    if cu is None and cu_seqlens is not None:
+        cu = [int(x) for x in cu_seqlens.tolist()]
     plan = _Plan(cu, total, local, cp_size, cp_rank, device)
     # Keep a reference to cu_seqlens so its storage (and data_ptr) is not reused while cached.
-    _PLAN_CACHE["entry"] = (key, cu_seqlens, plan)
+    # Several entries: a recompute in the backward (full recompute, pipeline schedules) comes back
+    # to a micro-batch after later ones were planned.
+    _PLAN_CACHE[key] = (cu_seqlens, plan)
+    while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.popitem(last=False)
     return plan
 
 
@@ -282,6 +303,11 @@ class PortableAttention(MegatronModule):
             if packed_seq_params.cp_group is not None and packed_seq_params.cp_group.size() > 1:
                 cp_group = packed_seq_params.cp_group
             attention_mask = None  # the segments define the mask (as with TE's thd path)
+        if not value.is_contiguous():
+            # value is a view into the fused QKV projection's output: kept for the backward it would
+            # keep that whole buffer alive (2.57 s*b*h bytes on the 7B shape, whose q and k parts the
+            # backward already holds as their RoPE'd copies); a copy of v alone is 0.29.
+            value = value.contiguous()
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
