@@ -119,13 +119,16 @@ def test_list_flags_take_values_and_repeat():
     assert a.query == ["a", "b", "c"] and a.val_dataset == ["x#2"]
 
 
-def test_submit_one_node_passes_the_other_flags_through_in_order(tmp_path, capsys):
-    from hpctrain.launch.submit import run
+def test_submit_one_node_passes_the_other_flags_through_in_order(capsys):
+    from hpctrain.launch.submit import one_node_command_line, run
 
-    rc = run(["export", "--model", "M", "--dry-run", "--to_mcore", "true", "--gpus=0", "--output_dir", "D",
-              "--folder", str(tmp_path)])
+    argv = ["job.toml", "--model", "M", "--dry-run", "--to_mcore", "true", "--gpus=0", "--output_dir", "D"]
+    a = one_node_command_line("export").parse(argv)
+    assert (a.dry_run, a.gpus) == (True, 0)
+    assert a.rest == ["job.toml", "--model", "M", "--to_mcore", "true", "--output_dir", "D"]
+    assert run(["export", "--model", "M", "--dry_run", "--gpus", "0"]) == 0  # dry run: no job folder made
     out = capsys.readouterr().out
-    assert rc == 0 and "#SBATCH" in out and "--gpus" not in out.split("#SBATCH")[-1]
+    assert "#SBATCH" in out and "--gres" not in out and "gpus" not in out
 
 
 def _cli(args, cwd=ROOT, timeout=300):

@@ -142,19 +142,24 @@ def submit_training(argv: list[str]) -> int:
     return _finish(job, args.wait)
 
 
-def submit_one_node(command: str, argv: list[str]) -> int:
+def one_node_command_line(command: str):
     from hpctrain.cli_args import CommandLine, flag
+
+    return CommandLine(f"hpctrain submit {command}", f"run `hpctrain {command} ARGS...` as a one-node job; "
+                       f"every flag not listed here goes to `hpctrain {command}`", passthrough=True, flags=[
+        flag("--profile", help="TOML file whose [slurm] section describes the cluster"),
+        flag("--gpus", type=int, default=ONE_NODE_COMMANDS[command], help="GPUs for the job (0 = CPU only)"),
+        flag("--dry_run", kind="bool", default=False, help="print the sbatch script; submit nothing"),
+        flag("--wait", kind="bool", default=False, help="block until the job ends"),
+    ])
+
+
+def submit_one_node(command: str, argv: list[str]) -> int:
     from hpctrain.config import ConfigError, JobConfig, load_config
     from hpctrain.launch.profile import apply_profile
 
     try:
-        args = CommandLine(f"hpctrain submit {command}", f"run `hpctrain {command} ARGS...` as a one-node job; "
-                           f"every flag not listed here goes to `hpctrain {command}`", passthrough=True, flags=[
-            flag("--profile", help="TOML file whose [slurm] section describes the cluster"),
-            flag("--gpus", type=int, default=ONE_NODE_COMMANDS[command], help="GPUs for the job (0 = CPU only)"),
-            flag("--dry_run", kind="bool", default=False, help="print the sbatch script; submit nothing"),
-            flag("--wait", kind="bool", default=False, help="block until the job ends"),
-        ]).parse(argv)
+        args = one_node_command_line(command).parse(argv)
         rest = args.rest
         own = next((t for t in rest if t.endswith(".toml")), None)  # the command's config carries [slurm]
         cfg = load_config(own, mode="prep") if own else JobConfig()
