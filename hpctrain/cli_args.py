@@ -4,8 +4,8 @@
 
 * Flags are spelled with underscores or dashes (``--gpus_per_node`` = ``--gpus-per-node``), and a
   command accepts the Megatron-SWIFT / ms-swift spelling where one exists (``reshard --output_dir``
-  = ``--out``). A bool flag takes true/false (yes/no, on/off, 1/0) or stands alone for true (so
-  put positional arguments first); a list flag takes every value up to the next ``--flag``.
+  = ``--out``). A bool flag takes true/false (yes/no, on/off, 1/0) or stands alone for true; a
+  list flag takes every value up to the next ``--flag``.
 * ``config.toml`` is optional for every command. A command's flag that is also a config key
   (``infer --system`` is ``data.system``) takes its default from the file.
 * Training-side commands (sft, pt, prep, plan, submit) take every config key as a flag
@@ -52,6 +52,14 @@ def _norm(name: str) -> str:
 
 def _is_flag(token: str) -> bool:
     return token.startswith("--") and len(token) > 2
+
+
+def _is_bool(token: str) -> bool:
+    try:
+        parse_bool(token)
+    except ValueError:
+        return False
+    return True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -192,11 +200,18 @@ class CommandLine:
                     while i < len(argv) and not _is_flag(argv[i]):
                         values.append(argv[i])
                         i += 1
-                elif i < len(argv) and not _is_flag(argv[i]):  # a bool takes one too, as config flags do
+                elif i < len(argv) and not _is_flag(argv[i]) and (f.kind != "bool" or self._bool_value(argv[i])):
                     values.append(argv[i])
                     i += 1
             own.append((f, values))
         return own, overrides, bare
+
+    def _bool_value(self, token: str) -> bool:
+        """Whether the bare token after a bool flag is its value: a true/false word; or, for a command
+        without positional arguments, anything but a config file (so `--stream maybe` is an error)."""
+        if _is_bool(token):
+            return True
+        return not self.positionals and not self.passthrough and not token.endswith(CONFIG_SUFFIXES)
 
     def _positionals(self, bare: list[str]) -> tuple[str | None, list[str]]:
         """Pick the config file out of the bare tokens: the one ending in .toml, or (for a command

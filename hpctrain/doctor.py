@@ -128,14 +128,14 @@ def render(checks: list[Check]) -> str:
 
 def check_job(cfg, config: str) -> list[Check]:
     """What the job in ``config`` needs of this machine: its model and dataset files, TE if it asks for it."""
+    from hpctrain.data.sources import resolves_locally
+
     checks = []
     for key, value in (("model.model", cfg.model.model), ("model.load", cfg.model.load)):
         if value:
             ok = Path(value).exists()
             checks.append(Check(key, ok, value if ok else f"{value}: not found (from {config})", required=True))
     for spec in [*cfg.data.dataset, *cfg.data.val_dataset]:
-        from hpctrain.data.sources import resolves_locally
-
         ok, detail = resolves_locally(spec)
         checks.append(Check(f"dataset {spec}", ok, detail, required=True))
     if cfg.model.transformer_impl == "transformer_engine":

@@ -73,6 +73,8 @@ def test_value_forms_dashes_and_aliases_parse_alike():
     for argv in forms:
         a = reshard.parse(argv)
         assert (a.ckpt, a.tp, a.pp, a.out, a.format) == ("ck", 2, 1, "o", "torch_dist"), argv
+    a = reshard.parse(["--overwrite", "ck", "--tp", "1", "--pp", "1", "--out", "o", "--no_optim", "false"])
+    assert (a.overwrite, a.ckpt, a.no_optim) == (True, "ck", False)  # a bool flag takes only a bool word here
     export = command_line("export")
     for argv in (["--to-hf", "--mcore-model", "m", "--output-dir", "h", "--exist-ok", "true"],
                  ["--to_hf=true", "--mcore_model=m", "--output_dir=h", "--overwrite"]):
@@ -150,6 +152,20 @@ def test_plan_dashes_and_underscores_print_the_same_plan():
     b = _cli(["plan", "--nodes=2", "--gpus_per_node=4", "--model", QWEN, "--global-batch-size", "16"])
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and "(2 nodes x 4)" in a.stdout
+
+
+def test_doctor_with_a_job_config_checks_its_files(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(f'[model]\nmodel = "{TOKENIZER}"\n[data]\ndataset = ["{SC}#5", "{tmp_path}/missing.jsonl", '
+                   f'"{tmp_path}/shards-*.parquet", "AI-ModelScope/alpaca-gpt4-data-en"]\n')
+    r = _cli(["doctor", str(job)])
+    assert r.returncode == 1, r.stdout
+    assert "[ok  ] model.model" in r.stdout and f"[ok  ] dataset {SC}#5" in r.stdout
+    assert f"[FAIL] dataset {tmp_path}/missing.jsonl" in r.stdout and "no such file" in r.stdout
+    assert "no file matches" in r.stdout and "[ok  ] dataset AI-ModelScope/alpaca-gpt4-data-en" in r.stdout
+    (tmp_path / "shards-0.parquet").write_bytes(b"x")
+    (tmp_path / "missing.jsonl").write_text("{}\n")
+    assert _cli(["doctor", str(job)]).returncode == 0
 
 
 def test_unknown_flag_of_a_non_training_command_exits_2_in_one_line():
