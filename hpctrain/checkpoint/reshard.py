@@ -94,9 +94,20 @@ def find_input(ckpt: str) -> tuple[layout.CheckpointRef, str]:
                             "directories: the checkpoint is incomplete or not a megatron checkpoint")
 
 
+COMMON_OBJECT = "common_state"  # megatron-core >= 0.19 keeps the non-sharded state in this object, not common.pt
+
+
 def _common(ref: layout.CheckpointRef) -> dict:
+    """The non-sharded state (iteration, scheduler, ...): common.pt (megatron-core <= 0.18 and our
+    writers), else megatron-core 0.19's common_state object, read by megatron-core itself."""
     f = ref.path / "common.pt"
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else {}
+    if f.is_file():
+        return torch.load(f, map_location="cpu", weights_only=True)
+    if any(k.startswith(COMMON_OBJECT) for k in cd.DcpReader(ref.path).keys()):
+        from megatron.core import dist_checkpointing
+
+        return dist_checkpointing.load_common_state_dict(str(ref.path))
+    return {}
 
 
 def dist_source(ref: layout.CheckpointRef) -> legacy.DistSource:
@@ -200,18 +211,19 @@ def _optimizer_policy(ref, kind: str, src: legacy.Source, fmt: str, tp: int, pp:
 
 def _dist_to_dist(ref, src: legacy.DistSource, dst: Path, drop_optim: bool, progress: bool) -> None:
     reader = src.reader
-    keep = (lambda k: not k.startswith("optimizer.")) if drop_optim else (lambda k: True)
+
+    def keep(k: str) -> bool:  # the common state goes to common.pt below, which every version reads first
+        return not k.startswith(COMMON_OBJECT) and not (drop_optim and k.startswith("optimizer."))
+
     items = [it for it in _copy_items(reader) if keep(it.key)]
     bar = Progress(len(items), "reshard", "tensors", enabled=progress)
     cd.write_dcp(dst, items, common=None, on_item=lambda it: bar.update(1))
     bar.close()
-    common = _common(ref)
-    if drop_optim:  # keep the trainer's progress + scheduler, say there is no optimizer state
+    common = _common(ref)  # not {}: keep the trainer's progress and scheduler
+    if drop_optim:  # and say there is no optimizer state
         common.pop("optimizer", None)
         common.setdefault("hpctrain", {}).setdefault("content", {})["optimizer"] = False
-        torch.save(common, dst / "common.pt")
-    else:
-        shutil.copy2(ref.path / "common.pt", dst / "common.pt")  # not {}: keep the trainer's state
+    torch.save(common, dst / "common.pt")
     verify(reader, cd.DcpReader(dst), keys=[k for k in reader.keys() if keep(k)])
 
 

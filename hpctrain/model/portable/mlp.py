@@ -18,6 +18,8 @@ Anything else (biases, GeLU, per-token scales, TE activations) goes through mega
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
@@ -54,9 +56,15 @@ class PortableMLP(MLP):
     """megatron-core's MLP; the bias-free SwiGLU case runs the lean path described above."""
 
     def __init__(self, config, submodules, is_expert: bool = False, input_size=None,
-                 ffn_hidden_size=None, tp_group=None, recompute_act: bool = False):
+                 ffn_hidden_size=None, tp_group=None, recompute_act: bool = False, pg_collection=None,
+                 is_mtp_layer: bool = False, name: str | None = None):
+        # megatron-core 0.19's TransformerLayer builds its MLP with pg_collection, is_mtp_layer and
+        # name (0.16.1: config only, the TP group then comes from parallel_state).
+        if tp_group is None and pg_collection is not None:
+            tp_group = pg_collection.tp
+        extra = {"name": name} if name is not None and "name" in inspect.signature(MLP.__init__).parameters else {}
         super().__init__(config, submodules, is_expert=is_expert, input_size=input_size,
-                         ffn_hidden_size=ffn_hidden_size, tp_group=tp_group)
+                         ffn_hidden_size=ffn_hidden_size, tp_group=tp_group, **extra)
         self.recompute_act = recompute_act
         c = self.config
         self._lean = (c.gated_linear_unit and c.activation_func is F.silu and not c.add_bias_linear
