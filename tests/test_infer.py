@@ -17,25 +17,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
 GEN = ["--max_new_tokens", "6", "--temperature", "0"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model dir, tokenizer) of a random 2-layer Llama sized to the Qwen2.5 vocabulary."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny(tiny_llama):
+    """(model dir, tokenizer) of the shared tiny Llama (tests/conftest.py)."""
+    from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)  # writes tokenizer.json, so the loads below are fast
-    return out, tok
+    return tiny_llama, AutoTokenizer.from_pretrained(tiny_llama)
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,12 @@ import pytest
 from hpctrain.infer import run
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
 GEN = ["--max_new_tokens", "6"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def tiny(tiny_llama):  # tests/conftest.py
+    return tiny_llama
 
 
 @functools.lru_cache(maxsize=1)
