@@ -134,6 +134,8 @@ class StepGraph:
         self.slots = [_Slot(mb, device) for mb in microbatches]
         self._fill(microbatches)
         torch.cuda.synchronize(device)
+        # The graph gets a memory pool of its own: hand the eager steps' cached blocks back first.
+        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
         # Recording only: the replay that follows computes this step.
         with torch.cuda.graph(self.graph, stream=self.stream):
