@@ -173,6 +173,16 @@ class TrainConfig:
     calculate_per_token_loss: bool = opt(True, "normalise loss by non-padded tokens of the global batch")
     attention_backend: str = opt("flash", "attention backend", choices=("flash", "fused", "unfused", "local", "auto"))
     dataloader_type: str = opt("cyclic", "Megatron dataloader type", choices=("single", "cyclic", "external"))
+    cuda_graph_impl: str = opt("none", "'local': replay each step's forward+backward as one CUDA graph "
+                               "(one GPU; see docs/config.md for what it needs)", choices=("none", "local"))
+    cuda_graph_scope: str = opt("full_iteration", "what one CUDA graph holds (hpctrain: the step's forward "
+                                "+ backward)", choices=("full_iteration",))
+    cuda_graph_warmup_steps: int = opt(1, "eager steps before the step is captured as a CUDA graph "
+                                       "(Megatron-LM: 3; one already compiles and autotunes all the graph replays)")
+    profile: bool = opt(False, "torch profiler over profile_step_start..profile_step_end; writes "
+                         "<save run>/profile/ (table + Chrome trace)")
+    profile_step_start: int = opt(10, "first profiled iteration")
+    profile_step_end: int = opt(12, "last profiled iteration")
     manual_gc: bool = opt(False, "disable automatic GC; collect every manual_gc_interval steps")
     manual_gc_interval: int = opt(0, "steps between manual GC runs (0 = only at checkpoints)")
     extra_megatron_kwargs: dict | None = opt(None, "extra megatron-core TransformerConfig kwargs (JSON on the CLI)")

@@ -67,6 +67,7 @@ class _Plan:
         self.half_starts = [cp_rank * c, (2 * cp_size - 1 - cp_rank) * c]  # unpacked CP only
         self._dense = None
         self._block = {}
+        self.cache: dict = {}  # per-micro-batch tables other modules derive (rope.py)
 
     def positions(self) -> Tensor:
         """Position of each local token inside its own sample (for RoPE, see rope.py)."""
@@ -91,22 +92,62 @@ class _Plan:
         """flex_attention BlockMask for the same mask (document-causal by global position)."""
         key = str(device)
         if key not in self._block:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            q_index = self.q_index
             doc = self.doc if self.doc is not None else torch.zeros(
-                self.total, dtype=torch.long, device=q_index.device)
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                qg = q_index[q_idx]
-                return (kv_idx <= qg) & (doc[kv_idx] == doc[qg])
-
-            kwargs = {}
-            if "_compile" in inspect.signature(create_block_mask).parameters and device.type == "cuda":
-                kwargs["_compile"] = True
-            self._block[key] = create_block_mask(
-                mask_mod, None, None, q_index.numel(), self.total, device=device, **kwargs)
+                self.total, dtype=torch.long, device=self.q_index.device)
+            self._block[key] = _document_causal_block_mask(self.q_index, doc, self.total, device)
         return self._block[key]
+
+
+def _document_causal_block_mask(q_index: Tensor, doc: Tensor, total: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qg = q_index[q_idx]
+        return (kv_idx <= qg) & (doc[kv_idx] == doc[qg])
+
+    kwargs = {}
+    if "_compile" in inspect.signature(create_block_mask).parameters and device.type == "cuda":
+        kwargs["_compile"] = True
+    return create_block_mask(mask_mod, None, None, q_index.numel(), total, device=device, **kwargs)
+
+
+class StaticPlan(_Plan):
+    """A packed stream's plan whose tensors keep their addresses, for CUDA-graph replay
+    (train/cuda_graph.py): ``update`` refills the sample ids, positions and the flex BlockMask in
+    place before each replay. Registered under a fixed offsets tensor ``key`` that the model's
+    PackedSeqParams carries, so every layer of the captured forward finds it."""
+
+    def __init__(self, total: int, device):
+        self.total, self.perm, self.starts, self._dense = total, None, None, None
+        self.q_index = torch.arange(total, device=device)
+        self.doc = torch.zeros(total, dtype=torch.long, device=device)
+        self._positions = torch.zeros(total, dtype=torch.long, device=device)
+        self.half_starts = [0, 0]
+        self._block = {}
+        self.cache = {}
+        self.key = torch.tensor([0, total], dtype=torch.int32, device=device)
+        _STATIC_PLANS[(self.key.data_ptr(), total, str(self.key.device))] = self
+
+    def positions(self) -> Tensor:
+        return self._positions
+
+    def update(self, doc: Tensor, positions: Tensor) -> None:
+        """New sample ids / in-sample positions (host tensors of ``total`` tokens). The BlockMask is
+        rebuilt here, outside any capture, and copied into the one the captured kernels read."""
+        device = self.doc.device
+        self.doc.copy_(_h2d(doc.long(), device), non_blocking=True)
+        self._positions.copy_(_h2d(positions.long(), device), non_blocking=True)
+        fresh = _document_causal_block_mask(self.q_index, self.doc, self.total, device)
+        static = self._block.setdefault(str(device), fresh)
+        if static is not fresh:
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                         "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+                dst, src = getattr(static, name, None), getattr(fresh, name, None)
+                if dst is not None and src is not None:
+                    dst.copy_(src)
+
+
+_STATIC_PLANS: dict = {}
 
 
 def _h2d(t: Tensor, device) -> Tensor:
@@ -125,6 +166,10 @@ def _get_plan(cu_seqlens: Optional[Tensor], total: int, local: int, cp_size: int
 
     ``host_cu_seqlens`` (the same offsets as a list) spares reading a device tensor back: the
     trainer builds the plan before the forward with it (train/step.py), so no layer syncs."""
+    if cu_seqlens is not None and cp_size == 1:
+        static = _STATIC_PLANS.get((cu_seqlens.data_ptr(), total, str(cu_seqlens.device)))
+        if static is not None:
+            return static
     key = (None if cu_seqlens is None else (cu_seqlens.data_ptr(), cu_seqlens._version),
            total, local, cp_size, cp_rank, str(device))
     hit = _PLAN_CACHE.get(key)

@@ -19,6 +19,7 @@ Anything else (biases, GeLU, per-token scales, TE activations) goes through mega
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,18 @@ def swiglu(x: torch.Tensor, fused: bool) -> torch.Tensor:
 
         return bias_swiglu_impl(x, None)
     return _SwiGLU.apply(x)
+
+
+class _QuietUnknownMLP(logging.Filter):
+    """megatron-core's TransformerLayer warns "Unknown MLP type" for any MLP class other than its own
+    (it only decides which process-group keyword to pass; PortableMLP then takes the TP group from
+    parallel_state, as MLP does without one). One warning per layer would only be noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietUnknownMLP())
 
 
 class PortableMLP(MLP):

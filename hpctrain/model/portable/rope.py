@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 _ORIGINAL = {}
 
 
@@ -35,10 +37,45 @@ def _fast_thd(t, cu_seqlens, freqs, *args, **kwargs):
     if freqs.dim() >= 1 and freqs.size(0) == total and cu_seqlens.numel() > 2:
         return original(t, cu_seqlens, freqs, *args, **kwargs)
     plan = _get_plan(cu_seqlens, total, t.shape[0], cp_size, cp_rank, t.device)
-    pos = plan.positions()
     for name in ("t", "cu_seqlens", "freqs"):
         options.pop(name)
-    return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs.index_select(0, pos), **options).squeeze(1)
+    special = any(options.get(k) for k in ("rotary_interleaved", "multi_latent_attention", "mla_rotary_interleaved"))
+    if special or options.get("mscale", 1.0) != 1.0 or freqs.shape[-1] != t.shape[-1]:
+        return rope_utils._apply_rotary_pos_emb_bshd(
+            t.unsqueeze(1), freqs.index_select(0, plan.positions()), **options).squeeze(1)
+    cos, sin = _tables(plan, freqs, t.dtype)
+    return _rotate()(t, cos, sin)
+
+
+def _tables(plan, freqs, dtype):
+    """cos/sin of every token's angles, [t, 1, d] in the activations' dtype: made once per
+    micro-batch and shared by the q and k of every layer (megatron-core recomputes and keeps them
+    per call), cached on the attention plan."""
+    key = ("rope", freqs.data_ptr(), freqs.shape[0], dtype)
+    hit = plan.cache.get(key)
+    if hit is None:
+        f = freqs.index_select(0, plan.positions()).reshape(-1, 1, freqs.shape[-1])
+        hit = plan.cache[key] = (torch.cos(f).to(dtype), torch.sin(f).to(dtype))
+    return hit
+
+
+def _rotate_eager(t, cos, sin):
+    """t * cos + rotate_half(t) * sin (megatron-core's non-interleaved RoPE, same expression)."""
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+_COMPILED: dict = {}
+
+
+def _rotate():
+    """On CUDA one compiled kernel each way instead of ~8 (fixed shapes: packed rows are padded to
+    one length on GPUs), else the eager expression."""
+    if not torch.cuda.is_available():
+        return _rotate_eager
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_rotate_eager, dynamic=False)
+    return _COMPILED["fn"]
 
 
 def install() -> None:
