@@ -23,7 +23,7 @@ import torch
 from hpctrain.checkpoint import convert_dcp as cd
 from hpctrain.checkpoint import hf_io, layout
 from hpctrain.model.build import model_args_from_hf
-from hpctrain.model.families import family_by_name
+from hpctrain.model.families import family_by_name, read_config_json
 from hpctrain.model.families.base import Geometry, is_layer_rule, layer_name
 from hpctrain.model.mcore_config import DTYPES
 
@@ -109,7 +109,7 @@ def open_source(model: str, dtype: torch.dtype | None):
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{model}: no config.json (and no .gguf file); pass an HF model "
                                 "directory or a GGUF file to --model")
-    return json.loads(cfg_path.read_text()), hf_io.HfSafetensors(model), None
+    return read_config_json(cfg_path), hf_io.HfSafetensors(model), None
 
 
 def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,

@@ -15,7 +15,7 @@ import torch
 from hpctrain.checkpoint import hf_io, layout
 from hpctrain.checkpoint.convert_dcp import DcpReader
 from hpctrain.checkpoint.convert_hf_to_mcore import _progress, geometry, prepare_output
-from hpctrain.model.build import model_args_from_checkpoint
+from hpctrain.checkpoint.locate import model_args_from_checkpoint
 from hpctrain.model.families import family_by_name
 from hpctrain.model.families.base import is_layer_rule, layer_name
 from hpctrain.model.mcore_config import DTYPES

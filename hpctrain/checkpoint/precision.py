@@ -119,7 +119,8 @@ def load_mcore_model(mcore_dir: str, device: torch.device):
     from megatron.core import dist_checkpointing
 
     from hpctrain.checkpoint import layout
-    from hpctrain.model.build import build_gpt_model, model_args_from_checkpoint
+    from hpctrain.checkpoint.locate import model_args_from_checkpoint
+    from hpctrain.model.build import build_gpt_model
 
     ref = layout.require_latest(mcore_dir)
     args = model_args_from_checkpoint(ref.root)
