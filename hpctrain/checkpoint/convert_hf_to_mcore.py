@@ -113,11 +113,13 @@ def open_source(model: str, dtype: torch.dtype | None):
 
 
 def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,
-                overwrite: bool = False, progress: bool = True) -> layout.CheckpointRef:
-    """Convert; returns the written checkpoint. The tracker file is written last."""
+                overwrite: bool = False, progress: bool = True, tp: int = 1) -> layout.CheckpointRef:
+    """Convert; returns the written checkpoint. The tracker file is written last. The vocabulary is
+    padded to a multiple of 128 * ``tp`` (Megatron's padding for the TP it will train at)."""
     dtype = DTYPES[torch_dtype] if torch_dtype else None
     cfg, src, tok = open_source(model, dtype)
-    args = model_args_from_hf(cfg, where=f"{model}/config.json")
+    where = str(hf_io.find_gguf(model) or Path(model) / "config.json")
+    args = model_args_from_hf(cfg, tp=tp, where=where)
     out = Path(output_dir)
     prepare_output(out, overwrite)
     items = plan_items(src, args, dtype)

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
+from hpctrain.config.errors import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,16 +67,28 @@ def transformer_config(args: Mapping[str, Any], *, tp: int = 1, pp: int = 1,
     return TransformerConfig(**kw)
 
 
+def rope_scaling_factor(rs: Mapping[str, Any] | None) -> float | None:
+    """The llama3 scaling factor of a rope_scaling dict (None: plain RoPE). megatron-core's GPTModel
+    only has Llama 3.1's scaling (``rope_scaling=True`` + factor); anything else is refused."""
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind != "llama3":
+        raise ConfigError(f"model.rope_scaling type {kind!r} is not supported by megatron-core's GPTModel "
+                          "(supported: llama3, or none)")
+    return float(rs.get("factor", 8.0))
+
+
 def gpt_model_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
     """GPTModel keyword arguments besides config/spec/pre/post_process."""
-    rs = args.get("rope_scaling") or None
+    factor = rope_scaling_factor(args.get("rope_scaling"))
     return dict(
         vocab_size=int(args["padded_vocab_size"]),
         max_sequence_length=int(args["max_position_embeddings"]),
         position_embedding_type=args.get("position_embedding_type", "rope"),
         rotary_percent=float(args.get("rotary_percent", 1.0)),
-        rotary_base=args.get("rotary_base", 10000.0),
+        rotary_base=float(args.get("rotary_base", 10000.0)),
         share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
-        rope_scaling=bool(rs),
-        rope_scaling_factor=float(rs["factor"]) if rs else 8.0,
+        rope_scaling=factor is not None,
+        rope_scaling_factor=factor or 8.0,
     )
