@@ -114,8 +114,8 @@ def open_source(model: str, dtype: torch.dtype | None):
 
 def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,
                 overwrite: bool = False, progress: bool = True, tp: int = 1) -> layout.CheckpointRef:
-    """Convert; returns the written checkpoint. The tracker file is written last. The vocabulary is
-    padded to a multiple of 128 * ``tp`` (Megatron's padding for the TP it will train at)."""
+    """Convert; returns the written checkpoint. The tracker file is written last. The embedding has
+    the vocabulary's rows, padded only where ``tp`` does not divide it (``mcore_config.padded_vocab``)."""
     dtype = DTYPES[torch_dtype] if torch_dtype else None
     cfg, src, tok = open_source(model, dtype)
     where = str(hf_io.find_gguf(model) or Path(model) / "config.json")

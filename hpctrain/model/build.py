@@ -35,12 +35,11 @@ def select_layer_spec(cfg):
 
 
 def model_args_from_hf(hf_config: Mapping[str, Any], *, padded_vocab_size: int | None = None,
-                       divisible_by: int = 128, tp: int = 1, where: str = "config.json") -> dict:
+                       tp: int = 1, where: str = "config.json") -> dict:
     """Megatron model arguments of an HF config dict (``families.model_args``, the one mapping) plus
-    ``padded_vocab_size``: the checkpoint's embedding rows when known, else Megatron's padding."""
+    ``padded_vocab_size``: the checkpoint's embedding rows when known, else ``padded_vocab``."""
     args = model_args(hf_config, where)
-    args["padded_vocab_size"] = padded_vocab_size or mcore_config.padded_vocab(
-        args["vocab_size"], divisible_by, tp)
+    args["padded_vocab_size"] = padded_vocab_size or mcore_config.padded_vocab(args["vocab_size"], tp)
     return args
 
 

@@ -16,10 +16,13 @@ from hpctrain.config.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def padded_vocab(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
-    """Megatron's padding: up to a multiple of ``divisible_by * tp``."""
-    m = divisible_by * tp
-    return int(math.ceil(vocab_size / m) * m)
+def padded_vocab(vocab_size: int, tp: int = 1) -> int:
+    """Embedding rows for ``vocab_size`` at tensor parallel size ``tp``: the vocabulary itself when
+    TP divides it (as Megatron-SWIFT does), else the next multiple of TP. Megatron-LM's habit of
+    padding to a multiple of 128 * TP is not followed: padding rows take part in the softmax, so
+    the model's loss would no longer be the HF model's (real vocabularies are multiples of 128 or
+    at least of the usual TP sizes already)."""
+    return int(math.ceil(vocab_size / tp) * tp)
 
 
 def check_tp(args: Mapping[str, Any], tp: int) -> None:

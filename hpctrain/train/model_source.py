@@ -91,6 +91,11 @@ def _read(cfg, path: Path) -> tuple[dict, str | None]:
     args = model_args_from_hf(hf, where=str(path), tp=cfg.parallel.tensor_model_parallel_size,
                               padded_vocab_size=m.padded_vocab_size or _checkpoint_vocab(m.load))
     _apply(m, args, path)
+    if m.padded_vocab_size > args["vocab_size"]:
+        log.warning("model: %d embedding rows for a vocabulary of %d (%s): the padding rows take part "
+                    "in the softmax, so the loss differs slightly from the HF model's; a TP size that "
+                    "divides vocab_size avoids it", m.padded_vocab_size, args["vocab_size"],
+                    f"--load {m.load}" if m.load else f"TP={cfg.parallel.tensor_model_parallel_size}")
     name, key = hf_dtype(hf, str(path))
     return args, (f"{path} {key}={name}" if name else None)
 

@@ -79,9 +79,10 @@ def rope_scaling(hf: Mapping[str, Any], where: str) -> tuple[str, dict] | None:
             continue
         if not isinstance(d, dict):
             raise HfConfigError(f"{where}: {key} = {d!r} is not an object; fix it in config.json")
-        kind = d.get("rope_type", d.get("type"))
+        kind_key = "rope_type" if "rope_type" in d else "type"
+        kind = d.get(kind_key)
         if kind is not None and kind not in ROPE_TYPES:
-            raise HfConfigError(f"{where}: {key}.rope_type = {kind!r} is unknown (transformers knows "
+            raise HfConfigError(f"{where}: {key}.{kind_key} = {kind!r} is unknown (transformers knows "
                                 f"{', '.join(ROPE_TYPES)}); fix config.json")
         if kind not in (None, "default"):
             found.append((key, {k: v for k, v in d.items() if k != "rope_theta"}))
