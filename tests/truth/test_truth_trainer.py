@@ -16,6 +16,7 @@ config.json as transformers 5 writes it (``rope_parameters``, ``dtype``) and as 
 
 Single process, then TP=2 and PP=2 under torchrun (gloo), all cases of a layout in one process
 group. SmolLM2 (9 heads / 3 KV heads) cannot split over TP=2: it runs single process and at PP=2.
+Tolerances: fp32 on CPU, measured max abs logit diffs are 0 to 4e-7 (tiny) against the 1e-3 bound.
 """
 import json
 import os
@@ -99,7 +100,7 @@ def truth(tmp_path_factory):
             write_case(tmp, name, make_tiny(kind, tmp / name, style=style, tokenizer="bytes"), data, cases)
     for name, hf in smollm2_models(tmp).items():
         write_case(tmp, name, hf, data, cases)
-    plain = [{k: v for k, v in c.items() if k != "ref"} for c in cases.values()]
+    plain = [{k: v for k, v in c.items() if k != "ref"} for c in cases.values() if c["name"] in CASES + SMOL]
     single = [dict(c, layout="single", layout_flags=[]) for c in plain]
     tiny = [c for c in plain if not c["name"].startswith("smollm2")]
     multi = [dict(c, layout=lay, layout_flags=flags) for lay, flags in LAYOUTS.items() for c in tiny]
@@ -109,7 +110,9 @@ def truth(tmp_path_factory):
 
 
 CASES = [f"{k}-{s}-{how}" for k in KINDS for s in ("v5", "old") for how in ("load", "model")]
-SMOL = [f"smollm2-{s}-{how}" for s in ("v5", "old") for how in ("load", "model")]
+# SmolLM2 costs ~10x a tiny case: its old-style config is read from the --load checkpoint (the tiny
+# models cover reading an old-style config for --model).
+SMOL = ["smollm2-v5-load", "smollm2-v5-model", "smollm2-old-load"]
 RUNS = ([f"{c}.single" for c in CASES + SMOL] + [f"{c}.{lay}" for lay in LAYOUTS for c in CASES]
         + ["smollm2-v5-load.pp2"])
 
@@ -121,6 +124,7 @@ def test_trainer_model_gives_the_hf_logits_and_loss(truth, run):
     hf = ref["logits"]
     mc = got["logits"][0, :, : hf.shape[-1]] if got["logits"].dim() == 3 else got["logits"][:, : hf.shape[-1]]
     diff = (hf - mc).abs().max().item()
+    print(f"{run}: max abs logit diff {diff:.2e}, loss {got['loss']:.6f} vs HF {ref['loss']:.6f}")
     assert diff < TOL, f"{run}: max abs logit diff {diff:.2e}"
     assert torch.equal(hf.argmax(-1), mc.argmax(-1)), f"{run}: argmax differs"
     assert abs(got["loss"] - ref["loss"]) < TOL, f"{run}: iteration-1 loss {got['loss']} vs HF {ref['loss']}"
