@@ -23,7 +23,7 @@ import torch
 from hpctrain.checkpoint import convert_dcp as cd
 from hpctrain.checkpoint import hf_io, layout
 from hpctrain.model.build import model_args_from_hf
-from hpctrain.model.families import family_by_name, read_config_json
+from hpctrain.model.families import family_by_name, read_config_json, with_dtype
 from hpctrain.model.families.base import Geometry, is_layer_rule, layer_name
 from hpctrain.model.mcore_config import DTYPES
 
@@ -126,9 +126,7 @@ def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,
     bar = _progress(len(items), "to_mcore", progress)
     cd.write_dcp(out / layout.RELEASE, items, common={}, on_item=lambda it: bar.update(1))
     bar.close()
-    out_cfg = dict(cfg)
-    dkey = "dtype" if "dtype" in out_cfg else "torch_dtype"  # transformers >= 5 says "dtype"
-    out_cfg[dkey] = str(dtype or items[0].dtype).replace("torch.", "")
+    out_cfg = with_dtype(cfg, dtype or items[0].dtype)
     (out / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True))
     if tok is not None:
         tok.save_pretrained(str(out))

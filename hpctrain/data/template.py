@@ -40,7 +40,6 @@ class EncodeStats:
     dropped_too_long: int = 0
     truncated: int = 0
     no_loss_after_truncation: int = 0
-
     placeholder_rows: int = 0  # rows still holding a {{...}} after self-cognition filling
     placeholder_examples: list = field(default_factory=list)  # "where: {{X}}" of the first few
 

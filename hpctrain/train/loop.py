@@ -102,6 +102,11 @@ def _copy_hf_files(cfg, root: Path, hf_files: Path | None) -> None:
         f = src / name
         if f.is_file() and not (root / name).exists():
             shutil.copy2(f, root / name)
+    if (root / "config.json").is_file():  # the run's weights are in the dtype it trains in
+        from hpctrain.model.families import read_config_json, with_dtype
+
+        hf = with_dtype(read_config_json(root / "config.json"), cfg.model.torch_dtype or "float32")
+        layout.write_atomic(root / "config.json", json.dumps(hf, indent=2, sort_keys=True))
 
 
 def setup(cfg, info) -> tuple[list, Any, Any]:

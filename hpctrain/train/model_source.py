@@ -133,7 +133,7 @@ def choose_precision(cfg, hf_dtype: str | None, hf_where: str | None) -> str:
 
 
 def _checkpoint_vocab(load: str | None) -> int | None:
-    """Embedding rows stored in the --load checkpoint (conversion pads the vocabulary)."""
+    """Embedding rows stored in the --load checkpoint (the vocabulary, padded where TP required it)."""
     if not load:
         return None
     from hpctrain.checkpoint import layout

@@ -47,6 +47,7 @@ def cli(tmp_path_factory):
     runs = {
         "fp32": sft(qwen, "fp32"),
         "bf16": sft(bf16, "bf16"),
+        "bf16_as_fp32": sft(bf16, "bf16_as_fp32", "--torch_dtype", "float32"),
         "bad_config": sft(broken, "bad"),
         "tokenizer": sft(big_tok, "tok"),
         "qkv_bias": ["sft", "--load", str(mcore), "--finetune", "true", "--dataset", str(data), *TRAIN,
@@ -104,6 +105,15 @@ def test_bf16_checkpoint_trains_in_bf16(cli):
     reader = DcpReader(layout.require_latest(run).path)
     assert reader.dtype("decoder.layers.self_attention.linear_qkv.weight") == torch.bfloat16
     assert abs(iteration_1_loss(run) - refs["bf16"]["loss"]) < 0.05  # bf16 forward vs the fp32 reference
+    assert json.loads((run / "config.json").read_text())["dtype"] == "bfloat16"
+    # unless you ask otherwise: then it trains in fp32, and the run's config.json says what it holds
+    r = res["bf16_as_fp32"]
+    assert r["rc"] == 0 and "precision: fp32 (from --torch_dtype float32)" in r["output"], r["output"][-3000:]
+    run = run_dir(tmp, "bf16_as_fp32")
+    assert json.loads((run / "args.json").read_text())["precision"]["bf16"] is False
+    assert json.loads((run / "config.json").read_text())["dtype"] == "float32"
+    assert DcpReader(layout.require_latest(run).path).dtype("output_layer.weight") == torch.float32
+    assert abs(iteration_1_loss(run) - refs["bf16"]["loss"]) < 1e-3  # fp32 now: exact again
 
 
 @pytest.mark.parametrize("case, command, needles", [

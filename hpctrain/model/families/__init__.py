@@ -17,11 +17,12 @@ from typing import Any, Mapping
 from hpctrain.model.families import llama, qwen2
 from hpctrain.model.families.base import MODEL_ARG_KEYS, Family, HfConfigError
 from hpctrain.model.families.common import dtype as hf_dtype
+from hpctrain.model.families.common import with_dtype
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY)}
 
 __all__ = ["FAMILIES", "Family", "HfConfigError", "family_by_name", "family_for", "hf_dtype",
-           "model_args", "read_config_json", "supported"]
+           "model_args", "read_config_json", "supported", "with_dtype"]
 
 
 def supported() -> list[str]:

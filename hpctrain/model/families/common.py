@@ -108,6 +108,14 @@ def dtype(hf: Mapping[str, Any], where: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+def with_dtype(hf: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A copy of ``hf`` whose dtype is ``name`` ("bfloat16", torch.bfloat16), written under the key
+    the file already uses (``dtype`` for transformers 5, else ``torch_dtype``)."""
+    out = dict(hf)
+    out["dtype" if "dtype" in out else "torch_dtype"] = str(name).replace("torch.", "")
+    return out
+
+
 def decoder_args(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Megatron model arguments (cfg.model names) of a Llama-shaped HF config."""
     act = hf.get("hidden_act", "silu")
