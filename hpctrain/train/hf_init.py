@@ -35,16 +35,22 @@ def export_hint(model: str) -> str:
             f"{shlex.quote(out)}, then train with --load {shlex.quote(out)}")
 
 
-def _scratch_dir(cfg) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+def scratch_parent(cfg, world: int, local_world: int) -> Path | None:
+    """Where the conversion goes: under --save (None: a local temporary folder, single node only)."""
     if cfg.checkpoint.save:
-        return Path(cfg.checkpoint.save) / f"{SCRATCH_PREFIX}{stamp}-{os.getpid()}"
-    world = tdist.get_world_size()
-    if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+        return Path(cfg.checkpoint.save)
+    if world > local_world:
         raise ConfigError("starting from the HF weights of --model on several nodes needs a --save folder "
                           "that every node sees (the weights are converted there once); set --save, or "
                           f"convert first: {export_hint(cfg.model.model)}")
-    return Path(tempfile.mkdtemp(prefix="hpctrain-hf-init-")) / "mcore"
+    return None
+
+
+def _scratch_dir(parent: Path | None) -> Path:
+    if parent is None:
+        return Path(tempfile.mkdtemp(prefix="hpctrain-hf-init-")) / "mcore"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return parent / f"{SCRATCH_PREFIX}{stamp}-{os.getpid()}"
 
 
 def _broadcast(obj):
@@ -58,8 +64,8 @@ def _convert(cfg, scratch: Path) -> str | None:
     from hpctrain.checkpoint.convert_hf_to_mcore import hf_to_mcore
 
     m = cfg.model
-    log.info("weights: converting %s into %s (streaming, %s, TP-padded vocabulary) to start from it",
-             m.model, scratch, m.torch_dtype)
+    log.info("weights: converting %s into %s (streaming, %s, vocabulary rows for TP=%d) to start from it",
+             m.model, scratch, m.torch_dtype, cfg.parallel.tensor_model_parallel_size)
     try:
         hf_to_mcore(m.model, str(scratch), m.torch_dtype, overwrite=False, progress=False,
                     tp=cfg.parallel.tensor_model_parallel_size)
@@ -76,7 +82,9 @@ def load_hf_weights(cfg, chunks, optimizer, scheduler) -> Path:
     scratch checkpoint root (config.json + tokenizer) for ``cleanup`` once the run folder is made."""
     from hpctrain.checkpoint.io import load_checkpoint
 
-    scratch = _broadcast(str(_scratch_dir(cfg)) if tdist.get_rank() == 0 else None)
+    world = tdist.get_world_size()
+    parent = scratch_parent(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # every rank
+    scratch = _broadcast(str(_scratch_dir(parent)) if tdist.get_rank() == 0 else None)
     error = _broadcast(_convert(cfg, Path(scratch)) if tdist.get_rank() == 0 else None)
     if error is not None:
         _remove(scratch)

@@ -109,3 +109,16 @@ def test_load_on_a_save_root_means_its_newest_complete_run(tmp_path):
     assert model_config_path(None, str(newest / "iter_0000002")) == newest / "config.json"
     with pytest.raises(ConfigError, match="holds no config.json"):
         tokenizer_source(cfg_of("--load", str(tmp_path / "empty")))
+
+
+def test_hf_start_on_several_nodes_needs_a_shared_save():
+    from hpctrain.train.hf_init import scratch_parent
+
+    assert scratch_parent(cfg_of("--model", "/m/Qwen", "--save", "/shared/out"), 16, 8) == Path("/shared/out")
+    cfg = cfg_of("--model", "/m/Qwen")
+    cfg.checkpoint.save = None
+    assert scratch_parent(cfg, 8, 8) is None  # one node: a local temporary folder
+    with pytest.raises(ConfigError) as e:
+        scratch_parent(cfg, 16, 8)
+    assert ("hpctrain export --model /m/Qwen --to_mcore true --output_dir /m/Qwen-mcore, then train with "
+            "--load /m/Qwen-mcore") in str(e.value)
