@@ -24,6 +24,7 @@ import torch
 import torch.distributed as tdist
 
 from hpctrain.checkpoint import layout
+from hpctrain.checkpoint.match import check_model_matches
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
         log.warning("checkpoint was saved at %s, now %s: RNG state not restored", meta.get("layout"), _layout())
     if want_rng:
         state["rng_state"] = _rng_object()
+    check_model_matches(ref.path, {k: v for k, v in state.items() if k.startswith("model")})
     loaded = dist_checkpointing.load(state, str(ref.path))
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)

@@ -125,9 +125,10 @@ def model_args(root: Path, src: legacy.Source) -> dict:
     """Shape arguments for the layout checks: config.json, else args.json's model, else legacy args."""
     if (root / "config.json").is_file():
         from hpctrain.model.build import model_args_from_hf
+        from hpctrain.model.families import read_config_json
 
         pad = src.tensors.get(legacy.EMBED, ((None,),))[0][0]
-        return model_args_from_hf(json.loads((root / "config.json").read_text()), padded_vocab_size=pad,
+        return model_args_from_hf(read_config_json(root / "config.json"), padded_vocab_size=pad,
                                   where=str(root / "config.json"))
     if (root / "args.json").is_file():
         m = json.loads((root / "args.json").read_text()).get("model") or {}

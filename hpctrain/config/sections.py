@@ -24,7 +24,11 @@ class ModelConfig:
     model_type: str | None = opt(None, "model family (qwen2, llama); None = inferred from config.json")
     load: str | None = opt(None, "mcore checkpoint directory to load")
     finetune: bool = opt(False, "load weights only: reset iteration to 0, skip optimizer/RNG state, do not skip data")
-    torch_dtype: str | None = opt(None, "weight dtype; None = config.json's torch_dtype", choices=DTYPES)
+    load_safetensors: bool | None = opt(
+        None, "without --load: start from --model's HF weights (true) or from random init (false: "
+        "pretraining from scratch); None = true when --model is given")
+    torch_dtype: str | None = opt(None, "weight and training dtype; None = config.json's dtype / torch_dtype "
+                                  "(bf16/fp16 checkpoints train in bf16/fp16)", choices=DTYPES)
     task_type: str = opt("causal_lm", "training task", choices=("causal_lm", "seq_cls"), unsupported=True)
     num_labels: int | None = opt(None, "number of labels for seq_cls", unsupported=True)
     problem_type: str | None = opt(None, "seq_cls problem type", unsupported=True)

@@ -175,6 +175,10 @@ def _log_summary(name: str, rows: int, tally, stats, opts: DataOptions) -> None:
         log.info("%s: %d samples truncated (%s); %d of them lost every loss token and were dropped", name,
                  stats.truncated, opts.truncation_strategy, stats.no_loss_after_truncation)
     log.info("%s: %d samples, %d tokens, %d loss tokens", name, stats.samples, stats.tokens, stats.loss_tokens)
+    if stats.placeholder_rows:
+        log.warning("%s: %d rows still hold a {{...}} placeholder after filling {{NAME}}/{{AUTHOR}} (the model "
+                    "would learn the braces): %s; fix the rows or the dataset", name, stats.placeholder_rows,
+                    " | ".join(stats.placeholder_examples))
 
 
 def _write_json(path: Path, obj) -> None:

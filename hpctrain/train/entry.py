@@ -98,21 +98,26 @@ def _setup_logging(cfg, rank: int) -> None:
 
 
 def train_from_config(cfg, mode: str) -> int:
-    from hpctrain.train import dist, loop
+    from hpctrain.config.errors import ConfigError
+    from hpctrain.train import dist, loop, model_source
     from hpctrain.train.step import NonFiniteError
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     _setup_logging(cfg, rank)
     code = 1
     try:
-        source, valid = build_data(cfg, mode)
-        result = loop.run(cfg, source, valid)
+        model = model_source.fill_model_fields(cfg)  # before the data: the tokenizer is checked against it
+        source, valid = build_data(cfg, mode, model)
+        result = loop.run(cfg, source, valid, model)
         code = result.exit_code
         if rank == 0:
             log.info("training finished at iteration %d; checkpoints in %s", result.iteration, result.save_dir)
     except NonFiniteError as e:
         log.error("%s", e)
         code = EXIT_NONFINITE
+    except ConfigError:
+        code = 2  # the CLI prints the one line; torchrun's parent returns this code
+        raise
     finally:
         _write_status(rank, code)
         dist.destroy()
@@ -126,15 +131,18 @@ def _write_status(rank: int, code: int) -> None:
 
 
 def tokenizer_source(cfg) -> str:
-    """--model (HF dir or .gguf), else the --load checkpoint root (conversion copies the tokenizer there)."""
-    from hpctrain.train.model_setup import find_hf_config
+    """--model (HF dir or .gguf), else the --load checkpoint's run root (conversion and training
+    copy the tokenizer there; a save root resolves to its newest complete run)."""
+    from hpctrain.config.errors import ConfigError
+    from hpctrain.train.model_source import find_hf_config
 
     if cfg.model.model:
         return str(cfg.model.model)
     hf = find_hf_config(cfg)
     if hf is None:
-        raise ValueError("no tokenizer: pass --model HF_DIR, or --load a checkpoint converted by "
-                         "`hpctrain export` (it holds config.json + tokenizer files)")
+        raise ConfigError(f"no tokenizer: --load {cfg.model.load} holds no config.json + tokenizer files "
+                          "(a checkpoint converted by `hpctrain export` or saved by `hpctrain sft` does); "
+                          "pass --model HF_DIR for them")
     return str(hf.parent)
 
 
@@ -180,8 +188,9 @@ def _dp() -> int:
     return ps.get_data_parallel_world_size()
 
 
-def build_data(cfg, mode: str):
-    """(train source, valid source or None) from hpctrain.data."""
+def build_data(cfg, mode: str, model=None):
+    """(train source, valid source or None) from hpctrain.data; ``model`` (a ModelSource): refuse a
+    tokenizer with more tokens than the model has embedding rows."""
     try:
         from hpctrain.data import MicroBatchLoader, build_train_valid  # noqa: F401
     except ImportError as e:
@@ -192,6 +201,9 @@ def build_data(cfg, mode: str):
 
     src = tokenizer_source(cfg)
     tok = load_tokenizer(src)
+    if model is not None:
+        from hpctrain.train.model_source import check_tokenizer
+        check_tokenizer(tok, src, model, cfg)
     train_ds, valid_ds = build_train_valid(cfg, tok, mode=mode, tokenizer_source=src)
     pad = _pad_multiple(cfg)
     train = LoaderSource(train_ds, cfg, bool(cfg.data.packing), pad)

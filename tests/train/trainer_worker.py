@@ -91,10 +91,10 @@ class Source:
 
 def init_only(cfg, out_root: str):
     from hpctrain.checkpoint.io import TrainProgress, save_checkpoint
-    from hpctrain.train import dist, loop, model_setup
+    from hpctrain.train import dist, loop, model_source
     info = dist.init_distributed(cfg)
     dist.init_model_parallel(1, 1, seed=cfg.train.seed)
-    model_setup.fill_model_fields(cfg)
+    model_source.fill_model_fields(cfg)
     chunks, opt, _ = loop.setup(cfg, info)
     save_checkpoint(out_root, TrainProgress(0, 0), chunks, save_optim=False, save_rng=False)
 
