@@ -67,13 +67,10 @@ def test_derived_defaults():
                              "--train_iters", "50", "--save_interval", "25"], environ={})
     assert cfg.checkpoint.save == "megatron_output/Qwen2.5-0.5B-Instruct"
     assert cfg.train.lr == 1e-5 and cfg.train.lr_decay_iters == 50 and cfg.eval.eval_interval == 25
-    assert (cfg.precision.fp16, cfg.precision.bf16, cfg.precision.apply_query_key_layer_scaling) == (True, False, True)
+    # apply_query_key_layer_scaling is not derived from fp16 (Megatron-SWIFT's rule): no attention here applies it
+    assert (cfg.precision.fp16, cfg.precision.bf16, cfg.precision.apply_query_key_layer_scaling) == (True, False, None)
     cfg = load_config(None, ["--bf16", "true"], environ={})
     assert (cfg.precision.fp16, cfg.precision.bf16) == (False, True) and cfg.checkpoint.save is None
-    cfg = load_config(None, ["--streaming", "true", "--train_iters", "10"], environ={})
-    assert cfg.train.dataloader_type == "external" and cfg.data.num_workers == 1
-    cfg = load_config(None, ["--streaming", "true", "--train_iters", "10", "--num_workers", "3"], environ={})
-    assert cfg.data.num_workers == 3  # explicitly set: kept
 
 
 def full_config() -> JobConfig:

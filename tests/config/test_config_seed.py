@@ -108,7 +108,6 @@ def expected_quickstart() -> dict:
         ("data", "packing_length"): 2048,
         ("train", "lr_decay_iters"): 100,
         ("eval", "eval_interval"): 100,
-        ("data", "use_chat_template"): True,
         ("train", "mode"): "sft",
         # untouched Megatron-SWIFT defaults the run relies on
         ("parallel", "pipeline_model_parallel_size"): 1,
@@ -218,7 +217,7 @@ def test_design_example_loads(tmp_path):
     assert cfg.train.lr == 1e-5 and cfg.train.min_lr == 1e-6 and cfg.train.lr_warmup_iters == 10
 
 
-@pytest.mark.parametrize("mode,chat", [("sft", True), ("pt", False)])
-def test_mode_sets_chat_template(mode, chat):
+@pytest.mark.parametrize("mode", ["sft", "pt"])
+def test_mode_comes_from_the_subcommand(mode):
     cfg = load_config(None, ["--dataset", "a.jsonl"], mode=mode, environ={})
-    assert cfg.train.mode == mode and cfg.data.use_chat_template is chat
+    assert cfg.train.mode == mode
