@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from hpctrain.config.fields import opt
 
 DTYPES = ("float16", "bfloat16", "float32")
-RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe")
+# megatron-core's recompute_modules, plus hpctrain's "mlp_act" (the dense MLP's SwiGLU output; portable spec)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "mlp_act")
 
 # Refusal messages shared by several keys: what is not built, and what to use instead.
 _SEQ_CLS = "sequence classification (task_type seq_cls) is not built: hpctrain trains causal LMs; remove the key"
@@ -205,6 +206,15 @@ class TrainConfig:
     calculate_per_token_loss: bool = opt(True, "normalise loss by non-padded tokens of the global batch")
     attention_backend: str = opt("flash", "attention backend", choices=("flash", "fused", "unfused", "local", "auto"))
     dataloader_type: str = opt("cyclic", "Megatron dataloader type", choices=("single", "cyclic", "external"))
+    cuda_graph_impl: str = opt("none", "'local': replay each step's forward+backward as one CUDA graph "
+                               "(one GPU; see docs/config.md for what it needs)", choices=("none", "local"))
+    cuda_graph_scope: str = opt("full_iteration", "what one CUDA graph holds (hpctrain: the step's forward "
+                                "+ backward)", choices=("full_iteration",))
+    cuda_graph_warmup_steps: int = opt(3, "eager steps before the step is captured as a CUDA graph")
+    profile: bool = opt(False, "torch profiler over profile_step_start..profile_step_end; writes "
+                         "<save run>/profile/ (table + Chrome trace)")
+    profile_step_start: int = opt(10, "first profiled iteration")
+    profile_step_end: int = opt(12, "last profiled iteration")
     manual_gc: bool = opt(False, "disable automatic GC; collect every manual_gc_interval steps")
     manual_gc_interval: int = opt(0, "steps between manual GC runs (0 = only at checkpoints)")
     extra_megatron_kwargs: dict | None = opt(None, "extra megatron-core TransformerConfig kwargs (JSON on the CLI)")

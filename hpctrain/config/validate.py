@@ -210,6 +210,37 @@ def _for_command(cfg: JobConfig, mode: str | None) -> None:
                               f"`hpctrain {mode}` does not do: checkpoints go to --save; remove it")
 
 
+def _profile(cfg: JobConfig) -> None:
+    t = cfg.train
+    if t.profile and not 1 <= t.profile_step_start <= t.profile_step_end:
+        raise ConfigError(f"train.profile_step_start = {t.profile_step_start}, profile_step_end = "
+                          f"{t.profile_step_end}: need 1 <= start <= end")
+
+
+def _cuda_graphs(cfg: JobConfig) -> None:
+    """What a replayed whole-step CUDA graph needs (train/cuda_graph.py); the CUDA device itself is
+    checked when training starts (configs are also validated on login nodes without GPUs)."""
+    t, p, m = cfg.train, cfg.parallel, cfg.model
+    if t.cuda_graph_impl == "none":
+        return
+    problems = []
+    if p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size > 1:
+        problems.append("it is built for one GPU without model parallelism: set tensor/pipeline/context "
+                        "_model_parallel_size = 1")
+    if (m.hidden_dropout or 0) > 0 or (m.attention_dropout or 0) > 0:
+        problems.append("a replay repeats the captured dropout masks: set hidden_dropout = 0 and "
+                        "attention_dropout = 0")
+    if cfg.precision.fp16:
+        problems.append("fp16's loss scale changes outside the graph: use bf16")
+    if t.recompute_granularity == "full" or (t.recompute_granularity == "selective" and
+                                             set(t.recompute_modules) - {"core_attn"}):
+        problems.append("recompute other than selective core_attn frees and refills memory from hooks "
+                        "the graph cannot replay: use recompute_granularity = 'selective' with "
+                        "recompute_modules = ['core_attn']")
+    if problems:
+        raise ConfigError("train.cuda_graph_impl = 'local' cannot be used here: " + "; ".join(problems))
+
+
 def validate(cfg: JobConfig, mode: str | None = None) -> JobConfig:
     """Raise ConfigError for the first problem found; return cfg when it is consistent.
 
@@ -218,6 +249,8 @@ def validate(cfg: JobConfig, mode: str | None = None) -> JobConfig:
     check_value_refusals(cfg)
     _positive(cfg)
     _recompute(cfg)
+    _cuda_graphs(cfg)
+    _profile(cfg)
     _parallel(cfg)
     _training(cfg)
     _schedule(cfg)

@@ -19,7 +19,7 @@ def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def select_layer_spec(cfg):
+def select_layer_spec(cfg, recompute_act: bool = False):
     """The transformer layer spec for a TransformerConfig ``cfg``.
 
     Transformer Engine's spec when TE is importable and ``cfg.transformer_impl ==
@@ -30,10 +30,13 @@ def select_layer_spec(cfg):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if getattr(cfg, "transformer_impl", "local") == "transformer_engine" and te_available():
+        if recompute_act:
+            raise ValueError("recompute_modules 'mlp_act' is a portable-spec option: drop it, or set "
+                             "transformer_impl = 'local'")
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     from hpctrain.model.portable import get_portable_layer_spec
 
-    return get_portable_layer_spec(qk_layernorm=bool(cfg.qk_layernorm))
+    return get_portable_layer_spec(qk_layernorm=bool(cfg.qk_layernorm), recompute_act=recompute_act)
 
 
 def model_args_from_hf(hf_config: Mapping[str, Any], *, padded_vocab_size: int | None = None,

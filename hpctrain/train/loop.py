@@ -24,8 +24,9 @@ import torch.distributed as tdist
 
 from hpctrain.checkpoint import layout
 from hpctrain.checkpoint.io import TrainProgress, load_checkpoint, save_checkpoint
-from hpctrain.train import dist, model_setup, optim, step
+from hpctrain.train import cuda_graph, dist, model_setup, optim, step
 from hpctrain.train.logger import TrainLogger
+from hpctrain.train.profiling import StepProfiler
 from hpctrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger("hpctrain.train")
@@ -126,13 +127,27 @@ def setup(cfg, info) -> tuple[list, Any, Any]:
     for c in chunks:
         c.broadcast_params()  # identical DP replicas whatever each rank initialised
     opt = optim.build_optimizer(cfg, chunks)
-    tcfg.finalize_model_grads_func = finalize_model_grads
+    # With CUDA graphs the step runs finalize_model_grads itself, after the replay (cuda_graph.py).
+    tcfg.finalize_model_grads_func = None if cuda_graph.enabled(cfg) else finalize_model_grads
     tcfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     if cfg.parallel.overlap_param_gather:
         tcfg.param_sync_func = [c.start_param_sync for c in chunks]
     if tcfg.fp16:
         tcfg.grad_scale_func = opt.scale_loss
     return chunks, opt, tcfg
+
+
+def _row_length(cfg, device) -> int | None:
+    """Packed rows on a GPU all get the packing length: every micro-batch then has one shape, so
+    flex_attention and the block-mask builder compile once (a new length recompiled them: one
+    23 s iteration in the 2026-12-02 lease). Rows are nearly full after packing, so the extra
+    padding is small; on the CPU nothing is compiled and rows keep their own length. A CUDA-graph
+    replay needs one shape for unpacked rows too (max_length, or the pt window)."""
+    if device.type != "cuda" or not (cfg.data.packing or cuda_graph.enabled(cfg)):
+        return None
+    n = cfg.data.packing_length or cfg.data.max_length
+    m = _pad_multiple(cfg)
+    return -(-n // m) * m if n else None
 
 
 def _pad_multiple(cfg) -> int:
@@ -154,6 +169,9 @@ def run(cfg, source: Callable, valid: Callable | None = None) -> RunResult:
     model_setup.fill_model_fields(cfg)
     n_micro = _microbatches_per_step(cfg, dp)
     iters = total_iters(cfg, source)
+    # Before the model exists: the CUDA-graph stream must be current when DDP's hooks are made.
+    graph = cuda_graph.StepGraph(cfg.train.cuda_graph_warmup_steps, cuda_graph.start(info.device)) \
+        if cuda_graph.enabled(cfg) else None
     chunks, opt, tcfg = setup(cfg, info)
     sched = optim.build_scheduler(cfg, opt, iters)
     progress = TrainProgress()
@@ -166,22 +184,23 @@ def run(cfg, source: Callable, valid: Callable | None = None) -> RunResult:
     logger = TrainLogger(cfg, save_dir, info.world_size, info.is_main, iters)
     try:
         return _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters,
-                     save_dir, logger)
+                     save_dir, logger, graph)
     finally:
         logger.close()
         if cfg.train.manual_gc:
             gc.enable()
 
 
-def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters, save_dir, logger):
+def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters, save_dir, logger, graph=None):
     t, ck = cfg.train, cfg.checkpoint
     same_len = cfg.parallel.pipeline_model_parallel_size > 1
-    pad = _pad_multiple(cfg)
+    pad, row_len = _pad_multiple(cfg), _row_length(cfg, info.device)
     stop = StopRequest()
     if t.manual_gc:
         gc.disable()
     eval_every = cfg.eval.eval_interval or ck.save_interval
     losses, last_ckpt, saved_at = [], None, None
+    prof = StepProfiler(cfg, save_dir, info.is_main)
 
     def save():
         nonlocal last_ckpt, saved_at
@@ -198,16 +217,19 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
     try:
         while progress.iteration < iters:
             mbs = source(progress.consumed_train_samples, n_micro, t.micro_batch_size)
+            prof.before(progress.iteration + 1)
             t0 = time.time()
-            res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len)
+            res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len,
+                                  row_len, graph)
             progress.iteration += 1
+            prof.after(progress.iteration)
             progress.consumed_train_samples += t.global_batch_size
             losses.append(res.loss)
             logger.step(progress.iteration, res, time.time() - t0, mbs[0]["input_ids"].shape[1])
             if t.manual_gc and t.manual_gc_interval and progress.iteration % t.manual_gc_interval == 0:
                 gc.collect()
             if valid is not None and eval_every and progress.iteration % eval_every == 0:
-                _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration, n_micro)
+                _evaluate(cfg, chunks, valid, info, (pad, row_len), same_len, logger, progress.iteration, n_micro)
             if ck.save_interval and progress.iteration % ck.save_interval == 0:
                 save()
             if stop.should_stop():
@@ -217,17 +239,18 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
                 return RunResult(REQUEUE_EXIT_CODE, progress.iteration, save_dir, losses, last_ckpt)
         save()
         if valid is not None and eval_every and progress.iteration % eval_every != 0:
-            _evaluate(cfg, chunks, valid, info, pad, same_len, logger, progress.iteration, n_micro)
+            _evaluate(cfg, chunks, valid, info, (pad, row_len), same_len, logger, progress.iteration, n_micro)
         return RunResult(0, progress.iteration, save_dir, losses, last_ckpt)
     finally:
         stop.restore()
 
 
-def _evaluate(cfg, chunks, valid, info, pad, same_len, logger, it, n_micro):
+def _evaluate(cfg, chunks, valid, info, pads, same_len, logger, it, n_micro):
+    """pads: (pad multiple, fixed row length or None), as for the training step."""
     # eval_iters counts global batches, as in Megatron-LM: each is n_micro micro-batches per DP rank.
     n = cfg.eval.eval_iters
     mbs = valid(n * n_micro if n and n > 0 else None, cfg.train.micro_batch_size)
     if not mbs:
         return
-    loss, _ = step.eval_step(chunks, mbs, info.device, pad, same_len)
+    loss, _ = step.eval_step(chunks, mbs, info.device, pads[0], same_len, pads[1])
     logger.eval(it, loss)

@@ -153,7 +153,8 @@ def transformer_config(cfg, device_type: str):
         perform_initialization=True,
     )
     if t.recompute_granularity == "selective":
-        kw["recompute_modules"] = list(t.recompute_modules)
+        # "mlp_act" is hpctrain's (the portable MLP reads it from the layer spec), not megatron-core's.
+        kw["recompute_modules"] = [m for m in t.recompute_modules if m != "mlp_act"]
     if t.recompute_granularity == "full" and t.recompute_method is None:
         kw["recompute_method"] = "uniform"
         kw["recompute_num_layers"] = t.recompute_num_layers or 1
@@ -172,7 +173,9 @@ def layer_spec(cfg, tcfg):
     """Transformer Engine's spec or hpctrain's portable spec (hpctrain.model.build decides)."""
     from hpctrain.model.build import select_layer_spec
 
-    spec = select_layer_spec(tcfg)
+    t = cfg.train
+    spec = select_layer_spec(tcfg, recompute_act=t.recompute_granularity == "selective"
+                             and "mlp_act" in t.recompute_modules)
     if tcfg.transformer_impl != "transformer_engine":
         _portable_attention_backend(cfg.train.attention_backend)
     return spec

@@ -32,10 +32,13 @@ class StepResult:
     lr: float
 
 
-def pad_microbatches(mbs: list[dict], multiple: int, same_length: bool) -> list[dict]:
+def pad_microbatches(mbs: list[dict], multiple: int, same_length: bool,
+                     row_length: int | None = None) -> list[dict]:
     """Right-pad each micro-batch (labels -100) to a multiple of ``multiple`` and, for pipeline
-    parallelism (fixed p2p shapes), all to the same length."""
-    target = max(b["input_ids"].shape[1] for b in mbs) if same_length else None
+    parallelism (fixed p2p shapes), all to the same length; ``row_length`` pads every row to that
+    length (packed rows on a GPU: one shape, so compiled kernels are built once)."""
+    longest = max(b["input_ids"].shape[1] for b in mbs)
+    target = max(row_length, longest) if row_length else (longest if same_length else None)
     out = []
     for b in mbs:
         s = b["input_ids"].shape[1]
@@ -95,21 +98,35 @@ def model_inputs(b: dict, cp_size: int, cp_rank: int) -> tuple[dict, object]:
 
 def forward_step(device, data_iterator, model):
     """megatron-core forward_step_func: returns (output, loss_func)."""
+    b = next(data_iterator)
+    if "_graph" in b:  # a CUDA-graph slot: device buffers and a static plan (train/cuda_graph.py)
+        ids, pos, labels, psp = b["_graph"]
+    else:
+        ids, pos, labels, psp = _device_inputs(b, device)
+    loss_mask = labels != IGNORE
+    out = model(ids, pos, None, labels=labels.masked_fill(~loss_mask, 0), packed_seq_params=psp)
+    return out, partial(loss_func, loss_mask)
+
+
+def _device_inputs(batch: dict, device):
+    """(input_ids, position_ids, labels, PackedSeqParams or None) of a host micro-batch, on the device."""
     from megatron.core import parallel_state as ps
+    from hpctrain.model.portable.attention import _get_plan
     from hpctrain.model.portable.packing import packed_seq_params
 
     cp_size = ps.get_context_parallel_world_size()
-    b, cu = model_inputs(next(data_iterator), cp_size, ps.get_context_parallel_rank() if cp_size > 1 else 0)
+    cp_rank = ps.get_context_parallel_rank() if cp_size > 1 else 0
+    b, cu = model_inputs(batch, cp_size, cp_rank)
     b = _to_device(b, device)
     psp = None
     if cu is not None:
         cp_group = ps.get_context_parallel_group() if cp_size > 1 else None
-        psp = packed_seq_params(cu.to(device), cp_group=cp_group)
-    labels = b["labels"]
-    loss_mask = labels != IGNORE
-    out = model(b["input_ids"], b["position_ids"], None, labels=labels.masked_fill(~loss_mask, 0),
-                packed_seq_params=psp)
-    return out, partial(loss_func, loss_mask)
+        psp = packed_seq_params(cu, cp_group=cp_group, device=device)
+        # The attention's masking plan from the host's offsets: no layer reads them back.
+        local = b["input_ids"].shape[1]
+        _get_plan(psp.cu_seqlens_q, local * cp_size, local, cp_size, cp_rank, device,
+                  host_cu_seqlens=cu.tolist())
+    return b["input_ids"], b["position_ids"], b["labels"], psp
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -146,7 +163,10 @@ def _run_schedule(chunks, microbatches, device, forward_only: bool):
 
     iters = [iter(list(microbatches)) for _ in chunks]
     first = microbatches[0]
-    b, s = first["input_ids"].shape
+    if "_graph" in first:  # CUDA-graph slots are already [1, b*s] streams or [b, s] rows
+        b, s = first["_graph"][0].shape
+    else:
+        b, s = first["input_ids"].shape
     if first.get("packed") or "cu_seqlens" in first:
         # thd: one [1, b*s] stream per micro-batch (see model_inputs); the pipeline's p2p shapes
         # follow it. CP pads every sample to a multiple of 2*CP, so lengths would vary per
@@ -164,13 +184,21 @@ def _run_schedule(chunks, microbatches, device, forward_only: bool):
 
 
 def train_step(chunks, optimizer, scheduler, microbatches, device, iteration: int, pad_multiple: int,
-               same_length: bool) -> StepResult:
-    """Forward+backward over the global batch's micro-batches, then one optimizer step."""
-    microbatches = pad_microbatches(microbatches, pad_multiple, same_length)
+               same_length: bool, row_length: int | None = None, graph=None) -> StepResult:
+    """Forward+backward over the global batch's micro-batches, then one optimizer step.
+    graph: a train/cuda_graph.StepGraph (the schedule then runs without finalize_model_grads,
+    which runs after it here)."""
+    microbatches = pad_microbatches(microbatches, pad_multiple, same_length, row_length)
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = _run_schedule(chunks, microbatches, device, forward_only=False)
+    if graph is None:
+        losses = _run_schedule(chunks, microbatches, device, forward_only=False)
+    else:
+        from megatron.core.distributed import finalize_model_grads
+
+        losses = graph.run(lambda mbs: _run_schedule(chunks, mbs, device, forward_only=False),
+                           lambda n: finalize_model_grads(chunks, n), microbatches, device)
     update_ok, grad_norm, _ = optimizer.step()
     lr = optimizer.param_groups[0]["lr"]
     if update_ok:
@@ -189,8 +217,9 @@ def train_step(chunks, optimizer, scheduler, microbatches, device, iteration: in
 
 
 @torch.no_grad()
-def eval_step(chunks, microbatches, device, pad_multiple: int, same_length: bool) -> tuple[float, int]:
-    microbatches = pad_microbatches(microbatches, pad_multiple, same_length)
+def eval_step(chunks, microbatches, device, pad_multiple: int, same_length: bool,
+              row_length: int | None = None) -> tuple[float, int]:
+    microbatches = pad_microbatches(microbatches, pad_multiple, same_length, row_length)
     for c in chunks:
         c.eval()
     try:

@@ -34,6 +34,35 @@ def test_pad_microbatches_pads_labels_with_ignore_and_keeps_tokens():
     assert torch.equal(out[0]["position_ids"][0], torch.arange(8))
     out = pad_microbatches(mb, multiple=2, same_length=False)
     assert [b["input_ids"].shape[1] for b in out] == [6, 8]
+    # A fixed row length (packed rows on a GPU): every micro-batch gets it, rounded to the multiple.
+    out = pad_microbatches(mb, multiple=4, same_length=False, row_length=10)
+    assert [b["input_ids"].shape[1] for b in out] == [12, 12]
+    assert torch.equal(out[1]["labels"][0, 7:], torch.full((5,), IGNORE))
+
+
+def test_packed_forward_plans_attention_from_host_offsets(monkeypatch):
+    """forward_step builds the attention's masking plan from the CPU offsets before the model runs,
+    so no layer reads cu_seqlens back from the device (a sync per micro-batch on a GPU)."""
+    from megatron.core import parallel_state as ps
+
+    from hpctrain.model.portable import attention
+    from hpctrain.train import step
+    monkeypatch.setattr(ps, "get_context_parallel_world_size", lambda: 1)
+    attention._PLAN_CACHE.clear()
+    seen = {}
+
+    def model(ids, pos, mask, labels=None, packed_seq_params=None):
+        key_cu = packed_seq_params.cu_seqlens_q
+        seen["plans"] = [k for k in attention._PLAN_CACHE if k[0] == (key_cu.data_ptr(), key_cu._version)]
+        return torch.zeros(ids.shape)
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    b = dict(input_ids=torch.arange(6).view(1, 6), labels=torch.arange(6).view(1, 6), position_ids=pos,
+             packed=True)
+    step.forward_step(torch.device("cpu"), iter([b]), model)
+    assert len(seen["plans"]) == 1
+    plan = attention._PLAN_CACHE[seen["plans"][0]][1]
+    assert plan.doc.tolist() == [0, 0, 0, 1, 1, 2]
 
 
 def test_rank_env_torchrun_slurm_single(monkeypatch):

@@ -46,6 +46,8 @@ def runs(tmp_path_factory):
         {"name": "lr_linear", "flags": ft("lr_linear", 8, "--lr_warmup_iters", "2", "--lr_decay_style", "linear",
                                           "--lr_decay_iters", "6")},
         {"name": "ref3", "flags": ft("ref3", 3)},
+        {"name": "profiled", "flags": ft("profiled", 3, "--profile", "true", "--profile_step_start", "2",
+                                         "--profile_step_end", "3")},
     ], timeout=900)
     multi = run_plan(tmp, "vpp", [{"name": "pp2_vpp2", "flags": ft(
         "pp2_vpp2", 3, "--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2")}],
@@ -176,3 +178,13 @@ def test_lr_schedule_per_iteration(runs, name, warmup, decay, style):
         assert got == pytest.approx(w, rel=1e-9)
     assert lrs[0] == LR / warmup > 0  # iteration 1 trains with a non-zero LR
     assert lrs[warmup - 1] == pytest.approx(LR) and lrs[decay - 1] == pytest.approx(MIN_LR)
+
+
+def test_profile_writes_the_profiled_steps_table_and_trace(runs):
+    """--profile true: the torch profiler over iterations 2-3 only, a table and a Chrome trace."""
+    tmp, r = runs
+    prof = tmp / "profiled" / "profile"
+    table = (prof / "steps_2-3.txt").read_text()
+    assert table.startswith("# steps 2-3: wall ") and "aten::mm" in table
+    assert json.loads((prof / "steps_2-3.json").read_text())["traceEvents"]
+    assert sorted(p.name for p in prof.iterdir()) == ["steps_2-3.json", "steps_2-3.txt"]

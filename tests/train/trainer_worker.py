@@ -146,9 +146,9 @@ class Probe:
             torch.save(self.captured, f"{self.out}.{self.job['name']}.steps.pt")
 
     # --- evaluation: the by-hand reference next to what the loop computed
-    def eval_step(self, original, chunks, microbatches, device, pad_multiple, same_length):
+    def eval_step(self, original, chunks, microbatches, device, *pads):
         from megatron.core import parallel_state as ps
-        loss, tokens = original(chunks, microbatches, device, pad_multiple, same_length)
+        loss, tokens = original(chunks, microbatches, device, *pads)
         whole_model = len(chunks) == 1 and ps.get_pipeline_model_parallel_world_size() == 1
         self.data["evals"].append(dict(after_steps=self.steps, loss=loss, tokens=tokens,
                                        by_hand=_forward_loss(chunks[0], microbatches) if whole_model else None))

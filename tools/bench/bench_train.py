@@ -9,6 +9,7 @@ random tokens, bf16, AdamW (torch fused) for every variant so only the model pat
   portable-dense  the same on plain causal rows (no packing: SDPA is_causal)
   local           megatron-core's local spec (unfused attention), plain causal rows; TP/SP, no CP
   hf              transformers Qwen2ForCausalLM, attn_implementation="sdpa", one GPU only
+  hf+liger        the same with liger-kernel's RMSNorm, RoPE, SwiGLU and fused linear cross entropy
   <variant>+compile  the same with each transformer layer torch.compile'd (e.g. portable-dense+compile)
   <variant>+graph    forward + backward captured once as one CUDA graph and replayed every step
                      (static batch; the optimizer step runs outside the graph): what removing the
@@ -263,17 +264,27 @@ def profile_steps(variant, model, opt, full, args, device, packed, path):
     return round(busy / wall, 3) if wall else None
 
 
+def apply_liger(model) -> None:
+    """HF + Liger (liger-kernel's Triton RMSNorm, RoPE, SwiGLU and fused linear cross entropy): the
+    baseline an HF user reaches for when memory or speed matters."""
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True, model=model)
+
+
 def run_variant(variant, shape, args, device, dtype, peak_tflops):
     graphed = variant.endswith("+graph")
     variant = variant.removesuffix("+graph")
+    liger = variant == "hf+liger"
+    variant = variant.removesuffix("+liger")
     compiled = variant.endswith("+compile")
     variant = variant.removesuffix("+compile")
     packed = variant == "portable" and args.packing
-    result = dict(variant=variant, model=args.model, seq=args.seq, micro_batch=args.micro_batch,
+    result = dict(variant="hf+liger" if liger else variant, model=args.model, seq=args.seq, micro_batch=args.micro_batch,
                   attn_backend=args.attn_backend, chunked_ce=args.chunked_ce,
                   tp=args.tp, cp=args.cp, sp=args.sp and args.tp > 1, packed=packed,
                   recompute=args.recompute, world=dist.get_world_size(), device=_device_name(device),
-                  compiled=compiled, cuda_graph=graphed)
+                  compiled=compiled, cuda_graph=graphed, liger=liger)
     if graphed and (device.type != "cuda" or dist.get_world_size() > 1):
         return dict(result, status="skipped (+graph: one CUDA GPU only)")
     if variant == "hf" and dist.get_world_size() > 1:
@@ -284,6 +295,8 @@ def run_variant(variant, shape, args, device, dtype, peak_tflops):
     try:
         model = build_hf(shape, device, dtype) if variant == "hf" else \
             build_mcore(shape, args, variant, device, dtype)
+        if liger:
+            apply_liger(model)
         model.train()
         if compiled:
             if variant == "hf":

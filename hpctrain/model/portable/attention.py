@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -48,14 +49,17 @@ class _Plan:
 
     def __init__(self, cu_seqlens: Optional[list], total: int, local: int, cp_size: int,
                  cp_rank: int, device):
+        # Built on the host and copied with non-blocking (pinned) copies: a tensor made on a GPU
+        # from a Python list is a blocking copy that waits for all queued GPU work, which would
+        # stall the host once per micro-batch.
         self.total = total
-        self.q_index = (cp_token_index(cu_seqlens, total, cp_size, cp_rank, device)
-                        if cp_size > 1 else torch.arange(local, device=device))
-        self.perm = cp_gather_order(cu_seqlens, total, cp_size, device) if cp_size > 1 else None
+        self.q_index = _h2d(cp_token_index(cu_seqlens, total, cp_size, cp_rank)
+                            if cp_size > 1 else torch.arange(local), device)
+        self.perm = _h2d(cp_gather_order(cu_seqlens, total, cp_size), device) if cp_size > 1 else None
         if cu_seqlens is not None:
-            bounds = torch.tensor(cu_seqlens, device=device)
-            self.doc = torch.bucketize(torch.arange(total, device=device), bounds[1:], right=True)
-            self.starts = bounds[:-1]
+            bounds = torch.tensor(cu_seqlens)
+            self.doc = _h2d(torch.bucketize(torch.arange(total), bounds[1:], right=True), device)
+            self.starts = _h2d(bounds[:-1], device)
         else:
             self.doc = self.starts = None
         self._positions = None
@@ -87,39 +91,99 @@ class _Plan:
         """flex_attention BlockMask for the same mask (document-causal by global position)."""
         key = str(device)
         if key not in self._block:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            q_index = self.q_index
             doc = self.doc if self.doc is not None else torch.zeros(
-                self.total, dtype=torch.long, device=q_index.device)
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                qg = q_index[q_idx]
-                return (kv_idx <= qg) & (doc[kv_idx] == doc[qg])
-
-            kwargs = {}
-            if "_compile" in inspect.signature(create_block_mask).parameters and device.type == "cuda":
-                kwargs["_compile"] = True
-            self._block[key] = create_block_mask(
-                mask_mod, None, None, q_index.numel(), self.total, device=device, **kwargs)
+                self.total, dtype=torch.long, device=self.q_index.device)
+            self._block[key] = _document_causal_block_mask(self.q_index, doc, self.total, device)
         return self._block[key]
 
 
-_PLAN_CACHE: dict = {}
+def _document_causal_block_mask(q_index: Tensor, doc: Tensor, total: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qg = q_index[q_idx]
+        return (kv_idx <= qg) & (doc[kv_idx] == doc[qg])
+
+    kwargs = {}
+    if "_compile" in inspect.signature(create_block_mask).parameters and device.type == "cuda":
+        kwargs["_compile"] = True
+    return create_block_mask(mask_mod, None, None, q_index.numel(), total, device=device, **kwargs)
+
+
+class StaticPlan(_Plan):
+    """A packed stream's plan whose tensors keep their addresses, for CUDA-graph replay
+    (train/cuda_graph.py): ``update`` refills the sample ids, positions and the flex BlockMask in
+    place before each replay. Registered under a fixed offsets tensor ``key`` that the model's
+    PackedSeqParams carries, so every layer of the captured forward finds it."""
+
+    def __init__(self, total: int, device):
+        self.total, self.perm, self.starts, self._dense = total, None, None, None
+        self.q_index = torch.arange(total, device=device)
+        self.doc = torch.zeros(total, dtype=torch.long, device=device)
+        self._positions = torch.zeros(total, dtype=torch.long, device=device)
+        self.half_starts = [0, 0]
+        self._block = {}
+        self.key = torch.tensor([0, total], dtype=torch.int32, device=device)
+        _STATIC_PLANS[(self.key.data_ptr(), total, str(self.key.device))] = self
+
+    def positions(self) -> Tensor:
+        return self._positions
+
+    def update(self, doc: Tensor, positions: Tensor) -> None:
+        """New sample ids / in-sample positions (host tensors of ``total`` tokens). The BlockMask is
+        rebuilt here, outside any capture, and copied into the one the captured kernels read."""
+        device = self.doc.device
+        self.doc.copy_(_h2d(doc.long(), device), non_blocking=True)
+        self._positions.copy_(_h2d(positions.long(), device), non_blocking=True)
+        fresh = _document_causal_block_mask(self.q_index, self.doc, self.total, device)
+        static = self._block.setdefault(str(device), fresh)
+        if static is not fresh:
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                         "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+                dst, src = getattr(static, name, None), getattr(fresh, name, None)
+                if dst is not None and src is not None:
+                    dst.copy_(src)
+
+
+_STATIC_PLANS: dict = {}
+
+
+def _h2d(t: Tensor, device) -> Tensor:
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_PLAN_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PLAN_CACHE_SIZE = 16
 
 
 def _get_plan(cu_seqlens: Optional[Tensor], total: int, local: int, cp_size: int, cp_rank: int,
-              device) -> _Plan:
-    """One plan per (micro-batch, rank): every layer (and recompute) of a forward reuses it."""
+              device, host_cu_seqlens: Optional[list] = None) -> _Plan:
+    """One plan per (micro-batch, rank): every layer (and recompute) of a forward reuses it.
+
+    ``host_cu_seqlens`` (the same offsets as a list) spares reading a device tensor back: the
+    trainer builds the plan before the forward with it (train/step.py), so no layer syncs."""
+    if cu_seqlens is not None and cp_size == 1:
+        static = _STATIC_PLANS.get((cu_seqlens.data_ptr(), total, str(cu_seqlens.device)))
+        if static is not None:
+            return static
     key = (None if cu_seqlens is None else (cu_seqlens.data_ptr(), cu_seqlens._version),
            total, local, cp_size, cp_rank, str(device))
-    hit = _PLAN_CACHE.get("entry")
-    if hit is not None and hit[0] == key:
-        return hit[2]
-    cu = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return hit[1]
+    cu = host_cu_seqlens
+    if cu is None and cu_seqlens is not None:
+        cu = [int(x) for x in cu_seqlens.tolist()]
     plan = _Plan(cu, total, local, cp_size, cp_rank, device)
     # Keep a reference to cu_seqlens so its storage (and data_ptr) is not reused while cached.
-    _PLAN_CACHE["entry"] = (key, cu_seqlens, plan)
+    # Several entries: a recompute in the backward (full recompute, pipeline schedules) comes back
+    # to a micro-batch after later ones were planned.
+    _PLAN_CACHE[key] = (cu_seqlens, plan)
+    while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.popitem(last=False)
     return plan
 
 
@@ -282,6 +346,11 @@ class PortableAttention(MegatronModule):
             if packed_seq_params.cp_group is not None and packed_seq_params.cp_group.size() > 1:
                 cp_group = packed_seq_params.cp_group
             attention_mask = None  # the segments define the mask (as with TE's thd path)
+        if not value.is_contiguous():
+            # value is a view into the fused QKV projection's output: kept for the backward it would
+            # keep that whole buffer alive (2.57 s*b*h bytes on the 7B shape, whose q and k parts the
+            # backward already holds as their RoPE'd copies); a copy of v alone is 0.29.
+            value = value.contiguous()
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():

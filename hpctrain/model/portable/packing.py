@@ -28,9 +28,15 @@ def to_thd(batch: dict) -> dict:
     return out
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None) -> PackedSeqParams:
-    """PackedSeqParams for a thd stream; cu_seqlens are GLOBAL (before any CP split), int32."""
+def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None, device=None) -> PackedSeqParams:
+    """PackedSeqParams for a thd stream; cu_seqlens are GLOBAL (before any CP split), int32.
+
+    Give the offsets as a CPU tensor and the model's ``device``: the longest sample is read on the
+    host and the offsets copied without blocking (reading them back from a GPU would sync)."""
     cu = cu_seqlens.to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if device is not None and torch.device(device) != cu.device:
+        pinned = cu.pin_memory() if torch.device(device).type == "cuda" else cu
+        cu = pinned.to(device, non_blocking=True)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=max_len, max_seqlen_kv=max_len, cp_group=cp_group)

@@ -11,10 +11,10 @@ from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
@@ -25,18 +25,23 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from hpctrain.model.portable.attention import PortableAttention
+from hpctrain.model.portable.mlp import PortableMLP
 from hpctrain.model.portable.norm import PortableNorm
+from hpctrain.model.portable.self_attention import PortableSelfAttention
 
 
-def get_portable_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
-    """ModuleSpec of one GPT transformer layer (dense MLP; num_experts is not supported)."""
+def get_portable_layer_spec(qk_layernorm: bool = False, recompute_act: bool = False) -> ModuleSpec:
+    """ModuleSpec of one GPT transformer layer (dense MLP; num_experts is not supported).
+
+    recompute_act: recompute the MLP's SwiGLU output in the backward instead of keeping it
+    (``recompute_modules`` entry ``mlp_act``; see mlp.py)."""
     qk_norm = PortableNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=PortableNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=PortableSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
@@ -49,7 +54,8 @@ def get_portable_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=PortableNorm,
             mlp=ModuleSpec(
-                module=MLP,
+                module=PortableMLP,
+                params={"recompute_act": recompute_act},
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             ),
             mlp_bda=get_bias_dropout_add,
