@@ -1,5 +1,5 @@
-"""Refusals that depend on the machine the trainer starts on: what is installed (Transformer Engine,
-apex, CUDA) and how many processes the launch gives (TP x PP x CP must fit the world size).
+"""Refusals made where the trainer starts: what is installed (Transformer Engine, apex, CUDA), how many
+processes the launch gives (TP x PP x CP must fit the world size), and how long to train.
 
 load_config(..., on_this_machine=True) runs them; only the trainer's entry point asks for that, since
 `hpctrain plan` / `submit` / `prep` read the same config on a login node that lacks the GPUs and
@@ -78,6 +78,9 @@ def _packages(cfg: JobConfig) -> None:
 
 def check_machine(cfg: JobConfig, environ: Mapping[str, str]) -> None:
     """Raise ConfigError for what this machine / this launch cannot run."""
+    if not (cfg.train.train_iters or cfg.train.max_epochs):
+        raise ConfigError("neither train.train_iters nor train.max_epochs is set: say how long to train, e.g. "
+                          "--train_iters 100 or --max_epochs 1")
     _packages(cfg)
     _backend(cfg, environ)
     _layout(cfg, world_size(cfg, environ))

@@ -24,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger("hpctrain.train")
 
 EXIT_NONFINITE = 3
+EXIT_CONFIG = 2  # cli.py's usage / config error code
 
 
 def run_sft(argv: list[str]) -> int:
@@ -42,7 +43,7 @@ def _under_launcher() -> bool:
 def _run(argv: list[str], mode: str) -> int:
     from hpctrain.config import config_from_argv
 
-    cfg = config_from_argv(argv, mode=mode)
+    cfg = config_from_argv(argv, mode=mode, on_this_machine=True)
     nproc = cfg.launch.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1") or 1)
     if nproc > 1 and not _under_launcher():
         return spawn_torchrun(cfg, argv, mode, nproc)
@@ -92,6 +93,7 @@ def _setup_logging(cfg, rank: int) -> None:
 
 
 def train_from_config(cfg, mode: str) -> int:
+    from hpctrain.config import ConfigError
     from hpctrain.train import dist, loop
     from hpctrain.train.step import NonFiniteError
 
@@ -107,6 +109,9 @@ def train_from_config(cfg, mode: str) -> int:
     except NonFiniteError as e:
         log.error("%s", e)
         code = EXIT_NONFINITE
+    except ConfigError:  # found once the data / checkpoint are known (e.g. a changed LR schedule on resume)
+        code = EXIT_CONFIG
+        raise
     finally:
         _write_status(rank, code)
         dist.destroy()
@@ -140,25 +145,30 @@ class LoaderSource:
         self.num_samples = len(dataset)
         self._it, self._next = None, None
 
-    def _loader(self, consumed: int, mbs: int):
+    def _loader(self, consumed: int, mbs: int, shuffle: bool):
         from megatron.core import parallel_state as ps
 
         from hpctrain.data import MicroBatchLoader
         return iter(MicroBatchLoader(self.dataset, mbs, ps.get_data_parallel_rank(),
                                      ps.get_data_parallel_world_size(), self.cfg.data.data_seed,
-                                     consumed_samples=consumed, pad_to_multiple=self.pad,
-                                     shuffle=self.cfg.data.train_dataloader_shuffle))
+                                     consumed_samples=consumed, pad_to_multiple=self.pad, shuffle=shuffle,
+                                     num_workers=self.cfg.data.num_workers))
+
+    def _shuffle(self) -> bool:
+        """dataloader_type cyclic (Megatron's random sampler): a new order every epoch, unless
+        train_dataloader_shuffle = false; single: the dataset's order."""
+        return self.cfg.train.dataloader_type == "cyclic" and self.cfg.data.train_dataloader_shuffle
 
     def __call__(self, consumed: int, n_micro: int, mbs: int):
         from megatron.core import parallel_state as ps
         if self._it is None or self._next != consumed:
-            self._it = self._loader(consumed, mbs)
+            self._it = self._loader(consumed, mbs, self._shuffle())
         out = [next(self._it) for _ in range(n_micro)]
         self._next = consumed + n_micro * mbs * ps.get_data_parallel_world_size()
         return out
 
     def valid(self, n_micro: int | None, mbs: int):
-        it = self._loader(0, mbs)
+        it = self._loader(0, mbs, False)  # the validation rows' order is data.val_dataset_shuffle's
         n = n_micro or max(1, self.num_samples // (mbs * _dp()))
         out = []
         for _ in range(n):
