@@ -20,11 +20,13 @@ RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", 
 _SEQ_CLS = "sequence classification (task_type seq_cls) is not built: hpctrain trains causal LMs; remove the key"
 _STREAMING = ("streaming datasets are not built: datasets are tokenized before training (or while training "
               "with lazy_tokenize = true); remove the key")
-_INTERLEAVE = "interleaving datasets is not built: datasets are concatenated (take N rows of each with 'path#N')"
+_INTERLEAVE = ("interleaving datasets is not built: datasets are concatenated (take N rows of each with "
+               "'path#N'); remove the key")
 _MULTIMODAL = "multimodal models are not built: hpctrain trains text models; remove the key"
 _OFFLOAD = ("optimizer CPU offload is not built (megatron-core's hybrid optimizer needs CUDA and TE/apex): keep "
             "optimizer state on the GPUs and shard it over DP with use_distributed_optimizer = true")
-_PRECISION_AWARE = "Transformer Engine's precision-aware optimizer is not built: main params and Adam state are fp32"
+_PRECISION_AWARE = ("Transformer Engine's precision-aware optimizer is not built: main params and Adam state "
+                    "are fp32; remove the key")
 _FP8 = "FP8 training is not built (it needs Transformer Engine's FP8 layers): train in bf16"
 _WANDB = "wandb logging is not built: use TensorBoard (tensorboard_dir) or <save>/logging.jsonl"
 
@@ -219,9 +221,9 @@ class TrainConfig:
     manual_gc_interval: int = opt(0, "steps between manual GC runs (0 = only at checkpoints)")
     extra_megatron_kwargs: dict | None = opt(None, "extra megatron-core TransformerConfig kwargs (JSON on the CLI)")
     enable_dft_loss: bool = opt(False, "Dynamic Fine-Tuning loss", unsupported=(
-        "the DFT loss is not built: sft trains with the token cross entropy"))
+        "the DFT loss is not built: sft trains with the token cross entropy; remove enable_dft_loss"))
     enable_channel_loss: bool = opt(False, "per-channel loss", unsupported=(
-        "per-channel loss is not built: one loss over all tokens"))
+        "per-channel loss is not built: one loss over all tokens; remove enable_channel_loss"))
     vit_gradient_checkpointing: bool = opt(True, "multimodal ViT recompute", unsupported=_MULTIMODAL)
     gradient_checkpointing_kwargs: dict | None = opt(None, "torch.utils.checkpoint kwargs", unsupported=(
         "activation recompute is megatron-core's: use recompute_granularity / recompute_method / "

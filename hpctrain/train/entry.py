@@ -47,7 +47,7 @@ def _run(argv: list[str], mode: str) -> int:
     nproc = cfg.launch.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1") or 1)
     if nproc > 1 and not _under_launcher():
         return spawn_torchrun(cfg, argv, mode, nproc)
-    return train_from_config(cfg, mode)
+    return train_from_config(cfg)
 
 
 def spawn_torchrun(cfg, argv: list[str], mode: str, nproc: int) -> int:
@@ -92,7 +92,8 @@ def _setup_logging(cfg, rank: int) -> None:
                         datefmt="%H:%M:%S", force=True)
 
 
-def train_from_config(cfg, mode: str) -> int:
+def train_from_config(cfg) -> int:
+    """Train as cfg says (cfg.train.mode: sft or pt, set by the subcommand); returns the exit code."""
     from hpctrain.config import ConfigError
     from hpctrain.train import dist, loop
     from hpctrain.train.step import NonFiniteError
@@ -101,7 +102,7 @@ def train_from_config(cfg, mode: str) -> int:
     _setup_logging(cfg, rank)
     code = 1
     try:
-        source, valid = build_data(cfg, mode)
+        source, valid = build_data(cfg, cfg.train.mode)
         result = loop.run(cfg, source, valid)
         code = result.exit_code
         if rank == 0:
