@@ -60,23 +60,32 @@ def save(cfg, root, progress: io.TrainProgress, chunks, optimizer, scheduler) ->
 
 
 def _save_legacy(cfg, root: Path, progress: io.TrainProgress, chunks, scheduler) -> Path:
+    """torch_dist into ``<root>/.staging-iter_N/dist``, re-laid by rank 0 into rank files next to it, read
+    back bit-exactly, renamed to ``iter_N`` (a previous ``iter_N`` is moved aside first, so the tracker
+    never names a half-written folder), tracker written, staging removed."""
     from megatron.core import parallel_state as ps
+
     from hpctrain.checkpoint.reshard import verify_legacy
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    staging = root / f".staging-{layout.iter_dir_name(progress.iteration)}"
-    dist = io.save_checkpoint(staging, progress, chunks, save_optim=False, save_rng=False)
     out = layout.checkpoint_dir(root, progress.iteration)
+    staging = root / f".staging-{out.name}"
+    if tdist.get_rank() == 0 and staging.exists():
+        shutil.rmtree(staging)  # left over from an interrupted save
+    tdist.barrier()
+    dist = io.save_checkpoint(staging / "dist", progress, chunks, save_optim=False, save_rng=False)
     if tdist.get_rank() == 0:
         shape = {k: v for k, v in dataclasses.asdict(cfg.model).items() if v is not None}
         meta = legacy.Meta(progress.iteration, False, progress.consumed_train_samples, scheduler.state_dict(), shape)
         src = legacy.DistSource(cd.DcpReader(dist), meta)
-        if out.exists():  # left over from an interrupted save (the tracker never pointed at it)
-            shutil.rmtree(out)
-        legacy.write_legacy(src, tp, pp, out)
-        verify_legacy(src, out, tp, pp)
-        shutil.rmtree(staging)
+        new = staging / out.name
+        legacy.write_legacy(src, tp, pp, new)
+        verify_legacy(src, new, tp, pp)
+        if out.exists():
+            out.rename(staging / "previous")
+        new.rename(out)
         layout.write_tracker(root, progress.iteration)
+        shutil.rmtree(staging)
     tdist.barrier()
     return out
 
