@@ -15,7 +15,7 @@ from hpctrain.config.fields import field_unsupported
 from hpctrain.config.job import FIELD_SECTION, JobConfig
 from hpctrain.config.keys import unknown_key_error
 from hpctrain.config.sections import SECTIONS
-from hpctrain.config.spellings import spelling_of, typed_override
+from hpctrain.config.spellings import put, spelling_of, typed_override
 
 
 def read_document(path: str | os.PathLike) -> tuple[dict, str]:
@@ -66,12 +66,13 @@ def _where(path: str, text: str, section: str | None, key: str) -> str:
 def document_overrides(doc: dict, path: str, text: str = "") -> dict[tuple[str, str], Any]:
     """Typed {(section, field): value} from a parsed document. Top-level scalars take flat names."""
     out: dict[tuple[str, str], Any] = {}
+    given: dict[tuple[str, str], str] = {}
     for top, body in doc.items():
         if isinstance(body, dict) and top in SECTIONS:
             for key, value in body.items():
                 where = _where(path, text, top, key)
                 target, typed = typed_override(f"{top}.{key}", value, where)
-                out[target] = typed
+                put(out, given, target, typed, f"{top}.{key}", where)
         elif isinstance(body, dict):
             guess = resolve_section_hint(top)
             raise ConfigError(f"{_where(path, text, None, top)}: unknown section [{top}].{guess} "
@@ -81,7 +82,7 @@ def document_overrides(doc: dict, path: str, text: str = "") -> dict[tuple[str, 
             if top not in FIELD_SECTION and spelling_of(top) is None:
                 raise unknown_key_error(top, None, where)
             target, typed = typed_override(top, body, where)
-            out[target] = typed
+            put(out, given, target, typed, top, where)
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from hpctrain.config.coerce import field_type, split_optional
 from hpctrain.config.errors import ConfigError
 from hpctrain.config.keys import resolve_key
-from hpctrain.config.spellings import is_bool_spelling, spelling_of, typed_override
+from hpctrain.config.spellings import is_bool_spelling, put, typed_override
 
 
 def _is_flag(token: str) -> bool:
@@ -61,12 +61,7 @@ def parse_overrides(tokens: list[str]) -> dict[tuple[str, str], Any]:
         if not values:
             values = _bare_value(key, where)
         target, value = typed_override(key, values, where, from_cli=True)
-        spelled = spelling_of(key) or target[1]
-        if given.get(target, spelled) != spelled:
-            raise ConfigError(f"{where}: sets {target[0]}.{target[1]}, which --{given[target]} already sets: "
-                              "keep one of the two")
-        given[target] = spelled
-        result[target] = value
+        put(result, given, target, value, key, where)
     return result
 
 

@@ -37,9 +37,8 @@ SPELLINGS = {"use_flash_attn": Spelling("train", "attention_backend", _flash, Fa
 
 def spelling_of(raw: str) -> str | None:
     """The SPELLINGS entry a raw flag/key names (``--use-flash-attn``, ``train.use_flash_attn``), if any."""
-    name = raw.strip().lstrip("-").replace("-", "_")
-    name = name.split(".", 1)[1] if name.startswith("train.") else name
-    return name if name in SPELLINGS else None
+    sec, _, name = raw.strip().lstrip("-").replace("-", "_").rpartition(".")
+    return name if name in SPELLINGS and sec in ("", SPELLINGS[name].section) else None
 
 
 def typed_override(raw: str, value: Any, where: str, from_cli: bool = False) -> tuple[tuple[str, str], Any]:
@@ -59,6 +58,17 @@ def typed_override(raw: str, value: Any, where: str, from_cli: bool = False) -> 
     sec, name = resolve_key(raw, where)
     refuse_unbuilt(sec, name, where)
     return (sec, name), coerce(sec, name, value, from_cli=from_cli, where=where)
+
+
+def put(out: dict, given: dict, target: tuple[str, str], value: Any, raw: str, where: str) -> None:
+    """out[target] = value, unless another name in the same source already set that target
+    (``use_flash_attn`` and ``attention_backend``, ``--tp`` and ``--tensor_model_parallel_size``): an error.
+    The same name again (``--lr`` then ``--train.lr``) is a repeat: the last one wins."""
+    name = spelling_of(raw) or raw.strip().lstrip("-").replace("-", "_").split(".")[-1]
+    if given.setdefault(target, name) != name:
+        raise ConfigError(f"{where}: sets {target[0]}.{target[1]}, which {given[target]} already sets: "
+                          "keep one of the two")
+    out[target] = value
 
 
 def is_bool_spelling(raw: str) -> bool:

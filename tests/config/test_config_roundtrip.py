@@ -117,3 +117,15 @@ def test_config_help_exits_zero(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: hpctrain pt") and "[train] mode, micro_batch_size" in out
+
+
+def test_dumps_leave_out_keys_of_features_that_are_not_built(tmp_path):
+    """args.json / config.toml never claim a setting that did not run (rlhf_type "dpo", streaming ...)."""
+    cfg = full_config()
+    dump_json(cfg, tmp_path / "args.json")
+    dump_toml(cfg, tmp_path / "config.toml")
+    doc = json.loads((tmp_path / "args.json").read_text())
+    assert doc["rlhf"] == {} and "rlhf_type" not in (tmp_path / "config.toml").read_text()
+    assert "streaming" not in doc["data"] and "padding_free" not in doc["data"] and "num_workers" in doc["data"]
+    assert not [k for k in doc["tuner"] if k in ("train_type", "lora_rank")]
+    assert load_config(tmp_path / "args.json", environ={}) == cfg  # and it reloads without a refusal

@@ -116,3 +116,21 @@ def test_a_machine_refusal_through_the_cli(capsys):
     code = cli.main(["sft", "--train_iters", "1", "--tensor_model_parallel_size", "2"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "does not divide the 1 process(es)" in err
+
+
+def test_use_flash_attn_is_the_seeds_spelling_of_attention_backend_flash(tmp_path):
+    p = tmp_path / "job.toml"
+    p.write_text('[train]\nattention_backend = "unfused"\n')
+    for argv in (["--use_flash_attn"], ["--use_flash_attn", "true"], ["--use-flash-attn=true"]):
+        assert load_config(p, argv, environ={}).train.attention_backend == "flash", argv
+    p.write_text("[train]\nuse_flash_attn = true\n")
+    assert load_config(p, environ={}).train.attention_backend == "flash"
+    assert load_config(p, ["--attention_backend", "unfused"], environ={}).train.attention_backend == "unfused"
+    with pytest.raises(ConfigError, match="which attention_backend already sets"):
+        load_config(None, ["--attention_backend", "unfused", "--train.use_flash_attn", "true"], environ={})
+    p.write_text('[train]\nuse_flash_attn = true\nattention_backend = "unfused"\n')
+    with pytest.raises(ConfigError, match=r"job.toml:3: key 'train.attention_backend': sets train.attention_backend, "
+                                          "which use_flash_attn already sets"):
+        load_config(p, environ={})
+    with pytest.raises(ConfigError, match="use_flash_attn = false does not say which attention"):
+        load_config(None, ["--use_flash_attn", "false"], environ={})

@@ -193,6 +193,8 @@ def test_log_switches_decide_what_is_logged_and_written_to_tensorboard(runs):
     assert not {"params_norm", "tokens_per_s_per_gpu", "tflops_per_gpu"} & set(off_rec)
     assert "lr" in off_rec  # the switch is about TensorBoard only, as in Megatron-LM
     assert r["log_on"]["losses"] == r["log_off"]["losses"]  # logging does not change training
+    args = json.loads((Path(r["log_off"]["save_dir"]) / "args.json").read_text())
+    assert args["log"]["log_params_norm"] is False and args["rlhf"] == {}  # what ran, and nothing not built
 
 
 def test_params_norm_is_the_norm_of_the_weights(runs):
