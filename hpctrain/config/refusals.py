@@ -87,7 +87,7 @@ def check_value_refusals(cfg) -> None:
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
         if type(value) is type(refused) and value == refused:
-            raise ConfigError(f"config key '{key}' = {value!r} is not supported: {message}")
+            raise ConfigError(f"config key '{key}' = {_toml(value)} is not supported: {message}")
 
 
 def refused_keys() -> dict[str, list[str]]:
