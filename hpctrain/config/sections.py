@@ -212,7 +212,8 @@ class TrainConfig:
                                "(one GPU; see docs/config.md for what it needs)", choices=("none", "local"))
     cuda_graph_scope: str = opt("full_iteration", "what one CUDA graph holds (hpctrain: the step's forward "
                                 "+ backward)", choices=("full_iteration",))
-    cuda_graph_warmup_steps: int = opt(3, "eager steps before the step is captured as a CUDA graph")
+    cuda_graph_warmup_steps: int = opt(1, "eager steps before the step is captured as a CUDA graph "
+                                       "(Megatron-LM: 3; one already compiles and autotunes all the graph replays)")
     profile: bool = opt(False, "torch profiler over profile_step_start..profile_step_end; writes "
                          "<save run>/profile/ (table + Chrome trace)")
     profile_step_start: int = opt(10, "first profiled iteration")

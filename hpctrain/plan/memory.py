@@ -19,14 +19,20 @@ m and v when training in bf16/fp16):
              with the distributed optimizer (it shards optimizer state over the DP x CP ranks).
 
 Activations per layer per micro-batch, 2-byte values, s = seq_length / cp, b = micro_batch_size,
-t = tp, t_sp = tp with sequence parallel else 1 (after Korthikanti et al. 2022, for GQA + SwiGLU):
-    attention  4sbh/t_sp (norm + QKV inputs) + 2sb(a + 2g)d/t (Q, K, V) + 2sbad/t (proj input)
-               + 5ba s^2/t (scores, softmax, dropout mask) unless the core attention is recomputed
-    mlp        4sbh/t_sp (norm + fc1 inputs) + 2sbf*(2 if swiglu else 1)/t (fc1 out) + 2sbf/t (fc2 in)
+t = tp, t_sp = tp with sequence parallel else 1 - what the backward keeps, counted tensor by tensor
+with tools/bench/act_memory.py on the portable spec and measured on an H200 (docs/benchmarks.md):
+    attention  4sbh/t_sp (norm + QKV inputs) + 2sb(a + 2g)d/t (Q, K, V after RoPE) + 2sbad/t (the
+               output, which is also the projection's input) + 4sba/t (fp32 log-sum-exp)
+               + 5ba s^2/t (scores, softmax, dropout mask) only for an unfused attention whose core
+               attention is not recomputed (the portable spec's flash/flex kernels keep none)
+    mlp        4sbh/t_sp (norm + fc1 inputs) + 2sbf*(2 if swiglu else 1)/t (fc1 out, the SwiGLU input)
+               + 2sbf/t (fc2 input) unless recompute_modules has "mlp_act"
     full recompute keeps only each layer's input 2sbh/t_sp, plus one layer's full activations while it
     is recomputed (recompute_method "block" with recompute_num_layers k: k layers store inputs only).
-Stage 0 of a pipeline keeps min(pp, micro-batches) micro-batches in flight (1F1B schedule), and the
-last stage holds the logits: 6sbV/t (bf16 logits + fp32 copy for the loss).
+Stage 0 of a pipeline keeps min(pp, micro-batches) micro-batches in flight (1F1B schedule). The last
+stage holds the logits: 6sbV/t (bf16 logits + fp32 copy for the loss); with the chunked cross entropy
+(cross_entropy_loss_fusion) instead one chunk's logits and softmax (CHUNKED_CE_GIB) plus the output
+layer's weight gradient while it is made (fp32 accumulator + bf16 result, 6Vh/t).
 A fixed HEADROOM_GIB (CUDA context, NCCL buffers, allocator fragmentation) is subtracted from the
 GPU's memory before comparing.
 """
@@ -39,6 +45,9 @@ from hpctrain.plan.shape import ModelShape
 
 GIB = 1024 ** 3
 HEADROOM_GIB = 4.0
+# One chunk of the chunked cross entropy: 1 GiB of fp32 logits (portable/cross_entropy.py), their
+# softmax in the backward and its bf16 copy; 2.5 GiB matched the 7B-shape runs on an H200.
+CHUNKED_CE_GIB = 2.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class Training:
     recompute_method: str | None = None     # "uniform" or "block" (full recompute)
     recompute_num_layers: int | None = None
     recompute_core_attn: bool = True        # selective recompute includes "core_attn"
+    recompute_mlp_act: bool = False         # selective recompute includes "mlp_act"
+    unfused_attention: bool = False         # attention keeps the s x s scores (TE/local unfused backend)
+    chunked_ce: bool = False                # cross_entropy_loss_fusion: logits made chunk by chunk
 
 
 @dataclass(frozen=True)
@@ -102,15 +114,19 @@ def stage_params(s: ModelShape, lay: Layout, layers_on_stage: int, first: bool, 
     return p
 
 
-def layer_activations(s: ModelShape, lay: Layout, batch: Batch, core_attn_stored: bool) -> int:
+def layer_activations(s: ModelShape, lay: Layout, batch: Batch, scores_stored: bool,
+                      mlp_act_stored: bool = True) -> int:
     sq, b = batch.seq_length // lay.cp, batch.micro_batch_size
     h, a, g, d, f = s.hidden_size, s.num_attention_heads, s.num_query_groups, s.kv_channels, s.ffn_hidden_size
     t = lay.tp
     t_sp = t if (batch.sequence_parallel and t > 1) else 1
-    attn = 4 * sq * b * h // t_sp + 2 * sq * b * (a + 2 * g) * d // t + 2 * sq * b * a * d // t
-    if core_attn_stored:
+    attn = 4 * sq * b * h // t_sp + 2 * sq * b * (a + 2 * g) * d // t + 2 * sq * b * a * d // t \
+        + 4 * sq * b * a // t
+    if scores_stored:
         attn += 5 * b * a * sq * sq // t
-    mlp = 4 * sq * b * h // t_sp + 2 * sq * b * f * (2 if s.swiglu else 1) // t + 2 * sq * b * f // t
+    mlp = 4 * sq * b * h // t_sp + 2 * sq * b * f * (2 if s.swiglu else 1) // t
+    if mlp_act_stored:
+        mlp += 2 * sq * b * f // t
     return attn + mlp
 
 
@@ -120,14 +136,19 @@ def stage_activations(s: ModelShape, lay: Layout, batch: Batch, tr: Training, la
     sq, b = batch.seq_length // lay.cp, batch.micro_batch_size
     layer_input = 2 * sq * b * s.hidden_size // t_sp
     if tr.recompute_granularity == "full":
-        full = layer_activations(s, lay, batch, core_attn_stored=True)
+        full = layer_activations(s, lay, batch, scores_stored=tr.unfused_attention)
         k = layers if tr.recompute_method != "block" else min(tr.recompute_num_layers or layers, layers)
         acts = k * layer_input + (layers - k) * full + full
     else:
-        selective = tr.recompute_granularity == "selective" and tr.recompute_core_attn
-        acts = layers * layer_activations(s, lay, batch, core_attn_stored=not selective)
+        selective = tr.recompute_granularity == "selective"
+        acts = layers * layer_activations(
+            s, lay, batch, scores_stored=tr.unfused_attention and not (selective and tr.recompute_core_attn),
+            mlp_act_stored=not (selective and tr.recompute_mlp_act))
     if last:
-        acts += 6 * sq * b * s.vocab_size // lay.tp
+        if tr.chunked_ce:
+            acts += int(CHUNKED_CE_GIB * GIB) + 6 * s.vocab_size * s.hidden_size // lay.tp
+        else:
+            acts += 6 * sq * b * s.vocab_size // lay.tp
     return acts
 
 

@@ -38,6 +38,12 @@ def training_from_config(cfg: Any) -> Training:
         recompute_granularity=cfg.train.recompute_granularity, recompute_method=cfg.train.recompute_method,
         recompute_num_layers=cfg.train.recompute_num_layers,
         recompute_core_attn="core_attn" in (cfg.train.recompute_modules or []),
+        recompute_mlp_act="mlp_act" in (cfg.train.recompute_modules or []),
+        # The portable spec's attention (every job without Transformer Engine) keeps no s x s scores;
+        # TE's unfused backend does.
+        unfused_attention=cfg.model.transformer_impl == "transformer_engine" and
+        cfg.train.attention_backend == "unfused",
+        chunked_ce=bool(cfg.train.cross_entropy_loss_fusion),
     )
 
 

@@ -42,23 +42,35 @@ def test_weights_grads_optimizer_bytes():
 def test_activations_by_recompute_mode():
     batch = Batch(micro_batch_size=1, global_batch_size=1, seq_length=16)
     lay = Layout(1, 1, 1, 1)
-    # per layer, s=16 b=1: attention 4*16*8 + 2*16*6*4 + 2*16*2*4 = 1536; mlp 4*16*8 + 2*16*32 + 2*16*16 = 2048
-    # core attention 5*b*a*s^2 = 2560; logits 6*s*b*V = 3072
+    # per layer, s=16 b=1: attention 4*16*8 + 2*16*6*4 + 2*16*2*4 + 4*16*2 (lse) = 1664;
+    # mlp 4*16*8 + 2*16*32 + 2*16*16 = 2048; logits 6*s*b*V = 3072
     sel = estimate(TINY, lay, batch, Training(recompute_granularity="selective"))
-    assert sel.activations == 2 * 3584 + 3072
+    assert sel.activations == 2 * 3712 + 3072
     none = estimate(TINY, lay, batch, Training(recompute_granularity=None))
-    assert none.activations == 2 * (3584 + 2560) + 3072
+    assert none.activations == sel.activations  # flash/flex attention keeps no scores to recompute
+    # An unfused attention keeps 5*b*a*s^2 = 2560 per layer unless core_attn is recomputed.
+    unfused = estimate(TINY, lay, batch, Training(recompute_granularity=None, unfused_attention=True))
+    assert unfused.activations == 2 * (3712 + 2560) + 3072
+    assert estimate(TINY, lay, batch, Training(unfused_attention=True)).activations == sel.activations
+    # mlp_act drops the fc2 input 2*16*16 = 512 per layer.
+    act = estimate(TINY, lay, batch, Training(recompute_mlp_act=True))
+    assert act.activations == 2 * (3712 - 512) + 3072
     full = estimate(TINY, lay, batch, Training(recompute_granularity="full", recompute_method="uniform"))
-    assert full.activations == 2 * (2 * 16 * 8) + (3584 + 2560) + 3072
+    assert full.activations == 2 * (2 * 16 * 8) + 3712 + 3072
+    # The chunked cross entropy: one chunk's budget + the output layer's weight gradient 6*V*h.
+    from hpctrain.plan.memory import CHUNKED_CE_GIB
+    ce = estimate(TINY, lay, batch, Training(chunked_ce=True))
+    assert ce.activations == 2 * 3712 + int(CHUNKED_CE_GIB * GIB) + 6 * 32 * 8
 
 
 def test_sequence_parallel_and_micro_batches_in_flight():
     lay = Layout(tp=2, pp=2, cp=1, dp=1)
     sp = Batch(micro_batch_size=1, global_batch_size=8, seq_length=16, sequence_parallel=True)
     m = estimate(TINY, lay, sp, Training())
-    # stage 0 (1 layer, 2 micro-batches in flight): attn 4*16*8/2 + (2*16*6*4)/2 + (2*16*2*4)/2 = 256+384+128
-    # mlp 4*16*8/2 + 2*16*32/2 + 2*16*16/2 = 256+512+256; stage 1 (1 in flight) adds logits 6*16*32/2 = 1536
-    per_layer = 768 + 1024
+    # stage 0 (1 layer, 2 micro-batches in flight): attn 4*16*8/2 + (2*16*6*4)/2 + (2*16*2*4)/2 + 4*16*2/2
+    # = 256+384+128+64; mlp 4*16*8/2 + 2*16*32/2 + 2*16*16/2 = 256+512+256; stage 1 (1 in flight) adds
+    # logits 6*16*32/2 = 1536
+    per_layer = 832 + 1024
     assert max(2 * per_layer, per_layer + 1536) == m.activations
 
 

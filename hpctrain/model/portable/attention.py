@@ -67,6 +67,7 @@ class _Plan:
         self.half_starts = [cp_rank * c, (2 * cp_size - 1 - cp_rank) * c]  # unpacked CP only
         self._dense = None
         self._block = {}
+        self.cache: dict = {}  # per-micro-batch tables other modules derive (rope.py)
 
     def positions(self) -> Tensor:
         """Position of each local token inside its own sample (for RoPE, see rope.py)."""
@@ -123,6 +124,7 @@ class StaticPlan(_Plan):
         self._positions = torch.zeros(total, dtype=torch.long, device=device)
         self.half_starts = [0, 0]
         self._block = {}
+        self.cache = {}
         self.key = torch.tensor([0, total], dtype=torch.int32, device=device)
         _STATIC_PLANS[(self.key.data_ptr(), total, str(self.key.device))] = self
 

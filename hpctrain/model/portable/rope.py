@@ -14,6 +14,8 @@ token, megatron's "exact mapping" case) are passed through to the original funct
 """
 from __future__ import annotations
 
+import torch
+
 _ORIGINAL = {}
 
 
@@ -31,10 +33,43 @@ def _fast_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_atten
         return original(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention, mscale,
                         cp_group)
     plan = _get_plan(cu_seqlens, total, t.shape[0], cp_size, cp_rank, t.device)
-    pos = plan.positions()
-    return rope_utils._apply_rotary_pos_emb_bshd(
-        t.unsqueeze(1), freqs.index_select(0, pos), rotary_interleaved=rotary_interleaved,
-        multi_latent_attention=multi_latent_attention, mscale=mscale).squeeze(1)
+    if rotary_interleaved or multi_latent_attention or mscale != 1.0 or freqs.shape[-1] != t.shape[-1]:
+        return rope_utils._apply_rotary_pos_emb_bshd(
+            t.unsqueeze(1), freqs.index_select(0, plan.positions()), rotary_interleaved=rotary_interleaved,
+            multi_latent_attention=multi_latent_attention, mscale=mscale).squeeze(1)
+    cos, sin = _tables(plan, freqs, t.dtype)
+    return _rotate()(t, cos, sin)
+
+
+def _tables(plan, freqs, dtype):
+    """cos/sin of every token's angles, [t, 1, d] in the activations' dtype: made once per
+    micro-batch and shared by the q and k of every layer (megatron-core recomputes and keeps them
+    per call), cached on the attention plan."""
+    key = ("rope", freqs.data_ptr(), freqs.shape[0], dtype)
+    hit = plan.cache.get(key)
+    if hit is None:
+        f = freqs.index_select(0, plan.positions()).reshape(-1, 1, freqs.shape[-1])
+        hit = plan.cache[key] = (torch.cos(f).to(dtype), torch.sin(f).to(dtype))
+    return hit
+
+
+def _rotate_eager(t, cos, sin):
+    """t * cos + rotate_half(t) * sin (megatron-core's non-interleaved RoPE, same expression)."""
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+_COMPILED: dict = {}
+
+
+def _rotate():
+    """On CUDA one compiled kernel each way instead of ~8 (fixed shapes: packed rows are padded to
+    one length on GPUs), else the eager expression."""
+    if not torch.cuda.is_available():
+        return _rotate_eager
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_rotate_eager, dynamic=False)
+    return _COMPILED["fn"]
 
 
 def install() -> None:
