@@ -58,19 +58,6 @@ def learning_rate(cfg) -> float:
     return cfg.train.lr if cfg.train.lr is not None else 1e-5
 
 
-def schedule_steps(cfg, train_iters: int) -> tuple[float, int]:
-    """(warmup, decay) in iterations, as Megatron-LM derives them (lr_decay_iters defaults to train_iters;
-    lr_warmup_fraction is a fraction of the decay, not rounded)."""
-    t = cfg.train
-    decay = t.lr_decay_iters or train_iters
-    warmup = t.lr_warmup_fraction * decay if t.lr_warmup_fraction is not None else t.lr_warmup_iters
-    if warmup >= decay:  # known only here when train_iters comes from max_epochs; megatron-core asserts
-        from hpctrain.config import ConfigError
-        raise ConfigError(f"the LR warmup ({warmup:g} iterations) must end before the decay does (lr_decay_iters "
-                          f"= {decay}): lower lr_warmup_iters / lr_warmup_fraction or raise lr_decay_iters")
-    return warmup, decay
-
-
 def build_scheduler(cfg, optimizer, train_iters: int):
     """megatron-core's OptimizerParamScheduler with Megatron-LM's arguments.
 
@@ -79,8 +66,11 @@ def build_scheduler(cfg, optimizer, train_iters: int):
     lr at every iteration. As in Megatron-LM, iteration i trains with the lr of i-1 scheduler steps:
     with a warmup the first iteration trains at lr 0 (lr_warmup_init), without one at the peak lr.
     """
+    from hpctrain.config.validate import lr_warmup
+
     t = cfg.train
-    warmup, decay = schedule_steps(cfg, train_iters)
+    decay = t.lr_decay_iters or train_iters
+    warmup = lr_warmup(t, decay)  # checked by the config already unless train_iters comes from max_epochs
     return _schedule_class()(
         optimizer, init_lr=0.0, max_lr=learning_rate(cfg), min_lr=t.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=decay, lr_decay_style=t.lr_decay_style, start_wd=cfg.optim.weight_decay,
