@@ -136,10 +136,10 @@ def _export_and_slurm(cfg: JobConfig) -> None:
                           "or 'D-HH:MM:SS'")
 
 
-def lr_warmup(train, decay: int) -> float:
+def lr_warmup(warmup_iters: int, warmup_fraction: float | None, decay: int) -> float:
     """The warmup in iterations, as Megatron-LM derives it (lr_warmup_fraction is a fraction of the decay,
     not rounded); megatron-core's scheduler needs it shorter than the decay."""
-    warmup = train.lr_warmup_fraction * decay if train.lr_warmup_fraction is not None else train.lr_warmup_iters
+    warmup = warmup_fraction * decay if warmup_fraction is not None else warmup_iters
     if warmup >= decay:
         raise ConfigError(f"the LR warmup ({warmup:g} iterations) must end before the decay does (lr_decay_iters "
                           f"= {decay}, default train_iters): lower lr_warmup_iters / lr_warmup_fraction or raise "
@@ -164,7 +164,7 @@ def _schedule(cfg: JobConfig) -> None:
     decay = t.lr_decay_iters
     if decay is None:
         return  # from max_epochs: the trainer checks once it knows the dataset size
-    lr_warmup(t, decay)
+    lr_warmup(t.lr_warmup_iters, t.lr_warmup_fraction, decay)
     if t.lr_wsd_decay_iters is not None and t.lr_wsd_decay_iters > decay:
         raise ConfigError(f"train.lr_wsd_decay_iters ({t.lr_wsd_decay_iters}) is longer than the decay "
                           f"(lr_decay_iters = {decay})")

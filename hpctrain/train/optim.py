@@ -70,7 +70,8 @@ def build_scheduler(cfg, optimizer, train_iters: int):
 
     t = cfg.train
     decay = t.lr_decay_iters or train_iters
-    warmup = lr_warmup(t, decay)  # checked by the config already unless train_iters comes from max_epochs
+    # checked by the config already, unless train_iters comes from max_epochs
+    warmup = lr_warmup(t.lr_warmup_iters, t.lr_warmup_fraction, decay)
     return _schedule_class()(
         optimizer, init_lr=0.0, max_lr=learning_rate(cfg), min_lr=t.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=decay, lr_decay_style=t.lr_decay_style, start_wd=cfg.optim.weight_decay,
