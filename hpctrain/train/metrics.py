@@ -19,14 +19,14 @@ def params_norm(chunks: list) -> float:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    total = torch.zeros(1, dtype=torch.float64)
-    for chunk in chunks:
-        for p in chunk.parameters():
-            if getattr(p, "shared", False) or not param_is_not_tensor_parallel_duplicate(p):
-                continue
-            total += p.detach().double().pow(2).sum().cpu()
     dev = "cuda" if torch.cuda.is_available() and tdist.get_backend() == "nccl" else "cpu"
-    total = total.to(dev)
+    # One fp32-accumulated norm per tensor, on its device (no fp32 copy of a bf16 weight), summed in fp64:
+    # a single host sync per call.
+    norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for chunk in chunks
+             for p in chunk.parameters()
+             if not getattr(p, "shared", False) and param_is_not_tensor_parallel_duplicate(p)]
+    total = torch.stack(norms).to(dev, torch.float64).pow(2).sum().reshape(1) if norms else \
+        torch.zeros(1, dtype=torch.float64, device=dev)
     tdist.all_reduce(total, group=ps.get_model_parallel_group())
     return float(total.sqrt())
 

@@ -203,7 +203,8 @@ def test_params_norm_is_the_norm_of_the_weights(runs):
     for name in ("log_on", "tp2_dist"):
         logged = records(r[name]["save_dir"])
         last = [x["params_norm"] for x in logged if "params_norm" in x][-1]
-        assert last == pytest.approx(norm(weights(r[name]["last_checkpoint"])), rel=1e-9), name
+        # fp32 per-tensor norms summed in fp64, against fp64 over the saved tensors
+        assert last == pytest.approx(norm(weights(r[name]["last_checkpoint"])), rel=1e-6), name
     tp1, tp2 = records(r["dist3"]["save_dir"]), records(r["tp2_dist"]["save_dir"])
     assert tp2[0]["params_norm"] == pytest.approx(tp1[0]["params_norm"], rel=1e-6)
 
