@@ -166,8 +166,9 @@ def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, sched
     if save_optim and optimizer is not None:
         model_sd = _model_sharded(chunks)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
-        state["opt_param_scheduler"] = scheduler.state_dict()
         content["optimizer"] = True
+    if scheduler is not None:  # small, and needed to continue the LR schedule even without optimizer state
+        state["opt_param_scheduler"] = scheduler.state_dict()
     if save_rng:
         state["rng_state"] = _rng_object(get_rng_state())
         content["rng"] = True
@@ -242,13 +243,13 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
         with torch.no_grad():  # the optimizer load copies into leaf params
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer, _find_step(loaded["optimizer"]))
-        if scheduler is not None and "opt_param_scheduler" in common:
-            scheduler.load_state_dict(common["opt_param_scheduler"])
     elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # copy loaded weights into fp32 main params
     if want_rng:
         set_rng_state(loaded["rng_state"])
     if finetune:
         return TrainProgress(0, 0)
+    if scheduler is not None and "opt_param_scheduler" in common:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
     return TrainProgress(int(common.get("iteration", ref.iteration)),
                          int(common.get("consumed_train_samples", 0)), meta.get("extra", {}))

@@ -57,7 +57,8 @@ class Encoder:
     """Row dicts -> (token ids uint32, loss mask uint8), with length handling and bad-row tally."""
 
     def __init__(self, tokenizer, *, mode: str = "sft", system: str | None = None, max_length: int = 2048,
-                 truncation_strategy: str = "delete", model_name=(), model_author=(), strict: bool = False):
+                 truncation_strategy: str = "delete", model_name=(), model_author=(), strict: bool = False,
+                 columns: dict | None = None):
         self.tok = tokenizer
         self.mode = mode
         self.system = system
@@ -65,6 +66,7 @@ class Encoder:
         self.truncation = truncation_strategy
         self.model_name, self.model_author = list(model_name), list(model_author)
         self.strict = strict
+        self.columns = dict(columns or {})  # data.columns: {name in the file: name the formats read}
         eos = tokenizer.eos_token
         self.eot = tuple(dict.fromkeys(([eos] if eos else []) + list(END_OF_TURN)))
         self.eos_id = tokenizer.eos_token_id
@@ -105,6 +107,8 @@ class Encoder:
 
     # -- encoding --------------------------------------------------------------------------
     def conversation(self, raw: dict, where: str, stats: EncodeStats | None = None) -> Conversation:
+        if self.columns and isinstance(raw, dict):
+            raw = {self.columns.get(k, k): v for k, v in raw.items()}
         conv = fill(normalize(raw, where, self.mode), where, self.model_name, self.model_author)
         left = leftover_placeholders(conv)
         if left and stats is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger("hpctrain.train")
 
 EXIT_NONFINITE = 3
+EXIT_CONFIG = 2  # cli.py's usage / config error code
 
 
 def run_sft(argv: list[str]) -> int:
@@ -44,7 +45,7 @@ def command_line(mode: str = "sft"):
 
     doc = {"sft": "supervised fine-tuning", "pt": "pretraining / continued pretraining"}[mode]
     return CommandLine(f"hpctrain {mode}", f"{doc} in this allocation (torchrun, srun or one process)",
-                       flags=[], mode=mode, all_keys=True)
+                       flags=[], mode=mode, all_keys=True, on_this_machine=True)
 
 
 def _run(argv: list[str], mode: str) -> int:
@@ -52,7 +53,7 @@ def _run(argv: list[str], mode: str) -> int:
     nproc = cfg.launch.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1") or 1)
     if nproc > 1 and not _under_launcher():
         return spawn_torchrun(cfg, argv, mode, nproc)
-    return train_from_config(cfg, mode)
+    return train_from_config(cfg)
 
 
 def spawn_torchrun(cfg, argv: list[str], mode: str, nproc: int) -> int:
@@ -97,8 +98,9 @@ def _setup_logging(cfg, rank: int) -> None:
                         datefmt="%H:%M:%S", force=True)
 
 
-def train_from_config(cfg, mode: str) -> int:
-    from hpctrain.config.errors import ConfigError
+def train_from_config(cfg) -> int:
+    """Train as cfg says (cfg.train.mode: sft or pt, set by the subcommand); returns the exit code."""
+    from hpctrain.config import ConfigError
     from hpctrain.train import dist, loop, model_source
     from hpctrain.train.step import NonFiniteError
 
@@ -107,7 +109,7 @@ def train_from_config(cfg, mode: str) -> int:
     code = 1
     try:
         model = model_source.fill_model_fields(cfg)  # before the data: the tokenizer is checked against it
-        source, valid = build_data(cfg, mode, model)
+        source, valid = build_data(cfg, cfg.train.mode, model)
         result = loop.run(cfg, source, valid, model)
         code = result.exit_code
         if rank == 0:
@@ -115,8 +117,8 @@ def train_from_config(cfg, mode: str) -> int:
     except NonFiniteError as e:
         log.error("%s", e)
         code = EXIT_NONFINITE
-    except ConfigError:
-        code = 2  # the CLI prints the one line; torchrun's parent returns this code
+    except ConfigError:  # found once the data / checkpoint are known (e.g. a changed LR schedule on resume)
+        code = EXIT_CONFIG  # the CLI prints the one line; torchrun's parent returns this code
         raise
     finally:
         _write_status(rank, code)
@@ -154,25 +156,30 @@ class LoaderSource:
         self.num_samples = len(dataset)
         self._it, self._next = None, None
 
-    def _loader(self, consumed: int, mbs: int):
+    def _loader(self, consumed: int, mbs: int, shuffle: bool):
         from megatron.core import parallel_state as ps
 
         from hpctrain.data import MicroBatchLoader
         return iter(MicroBatchLoader(self.dataset, mbs, ps.get_data_parallel_rank(),
                                      ps.get_data_parallel_world_size(), self.cfg.data.data_seed,
-                                     consumed_samples=consumed, pad_to_multiple=self.pad,
-                                     shuffle=self.cfg.data.train_dataloader_shuffle))
+                                     consumed_samples=consumed, pad_to_multiple=self.pad, shuffle=shuffle,
+                                     num_workers=self.cfg.data.num_workers))
+
+    def _shuffle(self) -> bool:
+        """dataloader_type cyclic (Megatron's random sampler): a new order every epoch, unless
+        train_dataloader_shuffle = false; single: the dataset's order."""
+        return self.cfg.train.dataloader_type == "cyclic" and self.cfg.data.train_dataloader_shuffle
 
     def __call__(self, consumed: int, n_micro: int, mbs: int):
         from megatron.core import parallel_state as ps
         if self._it is None or self._next != consumed:
-            self._it = self._loader(consumed, mbs)
+            self._it = self._loader(consumed, mbs, self._shuffle())
         out = [next(self._it) for _ in range(n_micro)]
         self._next = consumed + n_micro * mbs * ps.get_data_parallel_world_size()
         return out
 
     def valid(self, n_micro: int | None, mbs: int):
-        it = self._loader(0, mbs)
+        it = self._loader(0, mbs, False)  # the validation rows' order is data.val_dataset_shuffle's
         n = n_micro or max(1, self.num_samples // (mbs * _dp()))
         out = []
         for _ in range(n):

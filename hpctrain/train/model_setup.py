@@ -50,13 +50,18 @@ def _have(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
+def _no_init(weight) -> None:
+    """no_initialization: leave the weight as allocated (the checkpoint loaded next overwrites it)."""
+
+
 def transformer_config(cfg, device_type: str):
     """megatron-core TransformerConfig for this job."""
     from megatron.core.transformer import TransformerConfig
 
     m, p, t, pr = cfg.model, cfg.parallel, cfg.train, cfg.precision
     heads = m.num_attention_heads
-    groups = m.num_query_groups if m.num_query_groups else heads
+    # group_query_attention = false: one KV head per query head (Megatron-LM ignores num_query_groups then)
+    groups = m.num_query_groups if m.num_query_groups and m.group_query_attention is not False else heads
     dtype = params_dtype(cfg)
     kw = dict(
         num_layers=m.num_layers, hidden_size=m.hidden_size,
@@ -74,7 +79,7 @@ def transformer_config(cfg, device_type: str):
         num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
         recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers,
-        deterministic_mode=t.deterministic_mode, calculate_per_token_loss=True,
+        deterministic_mode=t.deterministic_mode, calculate_per_token_loss=t.calculate_per_token_loss,
         # megatron's own fused CE only for the TE implementation; 'native' is hpctrain's chunked
         # output layer + CE, installed on the model in build_model_chunks.
         cross_entropy_loss_fusion=bool(t.cross_entropy_loss_fusion and t.cross_entropy_fusion_impl == "te"),
@@ -85,14 +90,17 @@ def transformer_config(cfg, device_type: str):
         use_cpu_initialization=bool(m.use_cpu_initialization) or device_type == "cpu",
         perform_initialization=True,
     )
+    if m.no_initialization and m.load:
+        # The weights come from --load: skip the random init. Not with perform_initialization=False:
+        # megatron-core 0.16 then never tags the TP-split weights (tensor_model_parallel), and the grad
+        # and parameter norms at TP > 1 count only TP rank 0's shards. A no-op init keeps the tags.
+        kw.update(init_method=_no_init, output_layer_init_method=_no_init, embedding_init_method=_no_init)
     if t.recompute_granularity == "selective":
         # "mlp_act" is hpctrain's (the portable MLP reads it from the layer spec), not megatron-core's.
         kw["recompute_modules"] = [m for m in t.recompute_modules if m != "mlp_act"]
     if t.recompute_granularity == "full" and t.recompute_method is None:
         kw["recompute_method"] = "uniform"
         kw["recompute_num_layers"] = t.recompute_num_layers or 1
-    if p.tp_comm_overlap:
-        raise ValueError("tp_comm_overlap needs Transformer Engine userbuffers; set tp_comm_overlap=false")
     kw["transformer_impl"] = m.transformer_impl or ("transformer_engine" if _have("transformer_engine") else "local")
     if kw["transformer_impl"] == "transformer_engine":
         from megatron.core.transformer.enums import AttnBackend
