@@ -11,8 +11,8 @@ not the config's ``num_workers``). An object holds a section when it is
     cfg.data by name, so ``opts.lazy_tokenize`` reads data.lazy_tokenize).
 Method calls (``model.train()``) are not reads. ``getattr(<section object>, name)`` in a function that
 lists the field name as a literal in a tuple/list/set/dict counts (render.py's loop over the Slurm keys).
-[export] keys also count as read when ``hpctrain export``'s own parser declares the flag (until that
-command reads the JobConfig: then the attribute scan sees them).
+A key also counts as read where a command's flag declares it (``flag("--output_dir", ...,
+config="export.output_dir")`` in a cli_args.CommandLine): the parser fills the flag from that key.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from hpctrain.data.options import DataOptions
 PKG = Path(__file__).resolve().parents[2] / "hpctrain"
 FIELDS = {s: {f.name for f in dataclasses.fields(c)} for s, c in SECTIONS.items()}
 VIEWS = {"opts": ("data", {f.name for f in dataclasses.fields(DataOptions)})}
-COMMAND_PARSERS = {"export": PKG / "checkpoint" / "export.py"}
 
 
 def _bound_names(tree: ast.AST) -> dict[str, set[str]]:
@@ -102,11 +101,12 @@ def all_reads() -> dict[tuple[str, str], list[str]]:
             continue
         for key in reads_in(path):
             out.setdefault(key, []).append(str(rel))
-    for sec, path in COMMAND_PARSERS.items():
-        text = path.read_text(encoding="utf-8")
-        for name in FIELDS[sec]:
-            if re.search(rf"add_argument\(\s*[\"']--{name}[\"']", text):
-                out.setdefault((sec, name), []).append(f"{path.relative_to(PKG)} (its --{name} flag)")
+    for path in sorted(PKG.rglob("*.py")):
+        if path.relative_to(PKG).parts[0] == "config":
+            continue
+        for sec, name in re.findall(r"\bconfig=[\"'](\w+)\.(\w+)[\"']", path.read_text(encoding="utf-8")):
+            if name in FIELDS.get(sec, ()):
+                out.setdefault((sec, name), []).append(f"{path.relative_to(PKG)} (a flag filled from it)")
     return out
 
 
