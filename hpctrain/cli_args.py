@@ -87,9 +87,12 @@ class CommandLine:
     """
 
     def __init__(self, prog: str, doc: str, flags: list[Flag], positionals: list[Positional] = (),
-                 mode: str | None = None, all_keys: bool = False, passthrough: bool = False, epilog: str = ""):
+                 mode: str | None = None, all_keys: bool = False, passthrough: bool = False, epilog: str = "",
+                 on_this_machine: bool = False):
         self.prog, self.doc, self.flags, self.positionals = prog, doc, list(flags), list(positionals)
         self.mode, self.all_keys, self.passthrough, self.epilog = mode, all_keys, passthrough, epilog
+        # the command runs the job here (sft, pt): also refuse what this machine cannot run
+        self.on_this_machine = on_this_machine
         self._by_name = {_norm(n): f for f in self.flags for n in f.names}
 
     # --- help ------------------------------------------------------------------------------------
@@ -141,7 +144,8 @@ class CommandLine:
         if ns.config is not None or self.all_keys:
             # a --mode flag (prep, submit) picks the mode-dependent defaults, as the subcommand does for sft/pt
             mode = ns.mode if "mode" in ns.given else self.mode or "sft"
-            ns.cfg = load_config(ns.config, overrides if self.all_keys else [], mode=mode)
+            ns.cfg = load_config(ns.config, overrides if self.all_keys else [], mode=mode,
+                                 on_this_machine=self.on_this_machine)
         self._fill_positionals(ns, positionals)
         self._fill_from_config(ns)
         return ns

@@ -16,7 +16,8 @@ Stages 1, 3 and 5 use the same system prompt (--system). The defaults (24 steps 
 
 Every stage runs as `python -m hpctrain <command>` (the real CLI), its output streamed with a prefix and
 kept in <workdir>/logs/<stage>.log. The run ends with a summary: time per stage, first/last loss,
-where the outputs are, and whether the answer names the model. Exit status: 0 when every stage
+the model trained (family, RoPE base, dtype, from the run's args.json), where the outputs are, and
+whether the answer names the model. Exit status: 0 when every stage
 succeeded, 1 when one failed (the rest are skipped), 4 with --require_name when the name is missing.
 Unknown flags are passed on to `hpctrain sft` (e.g. --lr_decay_style constant).
 """
@@ -281,6 +282,16 @@ def names_model(answer: str, names: list[str]) -> bool:
     return any(n.lower() in answer.lower() for n in names)
 
 
+def trained_model(run_dir: Path | None) -> str | None:
+    """What the trainer built, from the run's args.json: family, RoPE base, dtype."""
+    args = run_dir / "args.json" if run_dir else None
+    if args is None or not args.is_file():
+        return None
+    m = json.loads(args.read_text()).get("model", {})
+    return (f"{m.get('model_type')}, {m.get('num_layers')} layers, RoPE base {m.get('rotary_base'):g}, "
+            f"dtype {m.get('torch_dtype')} (from {args})")
+
+
 def summary(stages: list[Stage], w: Path, opts, loss: list[float]) -> list[str]:
     out = ["", "=" * 72, "quickstart summary", "=" * 72]
     for s in stages:
@@ -289,6 +300,9 @@ def summary(stages: list[Stage], w: Path, opts, loss: list[float]) -> list[str]:
     out.append(f"  {'total':<36} {sum(s.seconds for s in stages):7.1f} s")
     if loss:
         out.append(f"  loss: first {loss[0]:.4f}, last {loss[-1]:.4f} over {len(loss)} iterations")
+    trained = trained_model(latest_run(w / "out"))
+    if trained:
+        out.append(f"  trained model: {trained}")
     by_key = {s.key: s for s in stages}
     for key, label in (("before", "before training"), ("after", "after training")):
         if key in by_key and by_key[key].ok:

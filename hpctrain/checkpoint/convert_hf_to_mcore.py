@@ -23,7 +23,7 @@ import torch
 from hpctrain.checkpoint import convert_dcp as cd
 from hpctrain.checkpoint import hf_io, layout
 from hpctrain.model.build import model_args_from_hf
-from hpctrain.model.families import family_by_name
+from hpctrain.model.families import family_by_name, read_config_json, with_dtype
 from hpctrain.model.families.base import Geometry, is_layer_rule, layer_name
 from hpctrain.model.mcore_config import DTYPES
 from hpctrain.progress import Progress
@@ -110,24 +110,24 @@ def open_source(model: str, dtype: torch.dtype | None):
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{model}: no config.json (and no .gguf file); pass an HF model "
                                 "directory or a GGUF file to --model")
-    return json.loads(cfg_path.read_text()), hf_io.HfSafetensors(model), None
+    return read_config_json(cfg_path), hf_io.HfSafetensors(model), None
 
 
 def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,
-                overwrite: bool = False, progress: bool = True) -> layout.CheckpointRef:
-    """Convert; returns the written checkpoint. The tracker file is written last."""
+                overwrite: bool = False, progress: bool = True, tp: int = 1) -> layout.CheckpointRef:
+    """Convert; returns the written checkpoint. The tracker file is written last. The embedding has
+    the vocabulary's rows, padded only where ``tp`` does not divide it (``mcore_config.padded_vocab``)."""
     dtype = DTYPES[torch_dtype] if torch_dtype else None
     cfg, src, tok = open_source(model, dtype)
-    args = model_args_from_hf(cfg, where=f"{model}/config.json")
+    where = str(hf_io.find_gguf(model) or Path(model) / "config.json")
+    args = model_args_from_hf(cfg, tp=tp, where=where)
     out = Path(output_dir)
     prepare_output(out, overwrite)
     items = plan_items(src, args, dtype)
     bar = Progress(len(items), "to_mcore", "tensors", enabled=progress)
     cd.write_dcp(out / layout.RELEASE, items, common={}, on_item=lambda it: bar.update(1))
     bar.close()
-    out_cfg = dict(cfg)
-    dkey = "dtype" if "dtype" in out_cfg else "torch_dtype"  # transformers >= 5 says "dtype"
-    out_cfg[dkey] = str(dtype or items[0].dtype).replace("torch.", "")
+    out_cfg = with_dtype(cfg, dtype or items[0].dtype)
     (out / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True))
     if tok is not None:
         tok.save_pretrained(str(out))

@@ -15,8 +15,8 @@ import torch
 from hpctrain.checkpoint import hf_io, layout
 from hpctrain.checkpoint.convert_dcp import DcpReader
 from hpctrain.checkpoint.convert_hf_to_mcore import geometry, prepare_output
-from hpctrain.model.build import model_args_from_checkpoint
-from hpctrain.model.families import family_by_name
+from hpctrain.checkpoint.locate import model_args_from_checkpoint
+from hpctrain.model.families import family_by_name, read_config_json, with_dtype
 from hpctrain.model.families.base import is_layer_rule, layer_name
 from hpctrain.model.mcore_config import DTYPES
 from hpctrain.progress import Progress
@@ -72,9 +72,8 @@ def mcore_to_hf(mcore_model: str, output_dir: str, torch_dtype: str | None = Non
     bar = Progress(args["num_layers"], "to_hf", "layers", enabled=progress)
     hf_io.write_safetensors_shards(out, iter_hf_from_mcore(reader, args, dtype, bar), max_shard_bytes)
     bar.close()
-    cfg = json.loads((ref.root / "config.json").read_text())
-    emb_dtype = dtype or reader.dtype("embedding.word_embeddings.weight")
-    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(emb_dtype).replace("torch.", "")
+    cfg = with_dtype(read_config_json(ref.root / "config.json"),
+                     dtype or reader.dtype("embedding.word_embeddings.weight"))
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     hf_io.copy_tokenizer_files(ref.root, out)
     if not (out / "generation_config.json").is_file():

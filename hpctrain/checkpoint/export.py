@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from hpctrain.cli_args import CommandLine, flag
+from hpctrain.config.errors import ConfigError
 from hpctrain.model.mcore_config import DTYPES
 
 
@@ -64,6 +65,9 @@ def run(argv: list[str]) -> int:
             print("hpctrain export --to_hf needs --mcore_model DIR", file=sys.stderr)
             return 2
         return _to_hf(a)
+    except ConfigError as e:  # a config.json the mapping refuses: a usage error, like a bad flag
+        print(f"hpctrain export: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"hpctrain export: {e}", file=sys.stderr)
         return 1

@@ -169,13 +169,15 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None):
     """(hf_config dict, InMemoryTensors, tokenizer) of a GGUF file, dequantised by transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hpctrain.model.families import model_args
+
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 torch_dtype=dtype or torch.float32)
+                                                 dtype=dtype or torch.float32)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     cfg = model.config.to_dict()
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if cfg.get("tie_word_embeddings"):
-        sd.pop("lm_head.weight", None)
+    if not model_args(cfg, str(path))["untie_embeddings_and_output_weights"]:
+        sd.pop("lm_head.weight", None)  # tied: transformers exposes the embedding a second time
     return cfg, InMemoryTensors(sd, str(path)), tok
 
 

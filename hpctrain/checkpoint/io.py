@@ -24,6 +24,7 @@ import torch
 import torch.distributed as tdist
 
 from hpctrain.checkpoint import layout
+from hpctrain.checkpoint.match import check_model_matches
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,9 @@ def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, sched
     if save_optim and optimizer is not None:
         model_sd = _model_sharded(chunks)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
-        state["opt_param_scheduler"] = scheduler.state_dict()
         content["optimizer"] = True
+    if scheduler is not None:  # small, and needed to continue the LR schedule even without optimizer state
+        state["opt_param_scheduler"] = scheduler.state_dict()
     if save_rng:
         state["rng_state"] = _rng_object(get_rng_state())
         content["rng"] = True
@@ -233,6 +235,7 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
         log.warning("checkpoint was saved at %s, now %s: RNG state not restored", meta.get("layout"), _layout())
     if want_rng:
         state["rng_state"] = _rng_object()
+    check_model_matches(ref.path, {k: v for k, v in state.items() if k.startswith("model")})
     loaded = dist_checkpointing.load(state, str(ref.path))
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
@@ -240,13 +243,13 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
         with torch.no_grad():  # the optimizer load copies into leaf params
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer, _find_step(loaded["optimizer"]))
-        if scheduler is not None and "opt_param_scheduler" in common:
-            scheduler.load_state_dict(common["opt_param_scheduler"])
     elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # copy loaded weights into fp32 main params
     if want_rng:
         set_rng_state(loaded["rng_state"])
     if finetune:
         return TrainProgress(0, 0)
+    if scheduler is not None and "opt_param_scheduler" in common:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
     return TrainProgress(int(common.get("iteration", ref.iteration)),
                          int(common.get("consumed_train_samples", 0)), meta.get("extra", {}))

@@ -119,11 +119,14 @@ def load_mcore_model(mcore_dir: str, device: torch.device):
     from megatron.core import dist_checkpointing
 
     from hpctrain.checkpoint import layout
-    from hpctrain.model.build import build_gpt_model, model_args_from_checkpoint
+    from hpctrain.checkpoint.locate import model_args_from_checkpoint
+    from hpctrain.checkpoint.match import check_model_matches
+    from hpctrain.model.build import build_gpt_model
 
     ref = layout.require_latest(mcore_dir)
     args = model_args_from_checkpoint(ref.root)
     model = build_gpt_model(args, params_dtype=torch.float32)
+    check_model_matches(ref.path, model.sharded_state_dict())
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ref.path))
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), args

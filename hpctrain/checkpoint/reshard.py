@@ -45,6 +45,7 @@ import torch
 from hpctrain.checkpoint import convert_dcp as cd
 from hpctrain.checkpoint import layout, legacy
 from hpctrain.checkpoint.convert_hf_to_mcore import prepare_output
+from hpctrain.checkpoint.formats import find_input
 from hpctrain.model.mcore_config import check_pp, check_tp
 from hpctrain.progress import Progress
 
@@ -75,25 +76,6 @@ def command_line():
 
 
 # --- input --------------------------------------------------------------------------------
-def find_input(ckpt: str) -> tuple[layout.CheckpointRef, str]:
-    """The newest complete checkpoint under ``ckpt`` and its format (torch_dist | torch)."""
-    ref = layout.find_latest(ckpt)
-    p = Path(ckpt)
-    if ref is None and p.is_dir() and any(p.glob("mp_rank_*")):  # an explicit legacy iter dir
-        it = 0 if p.name == layout.RELEASE else int(p.name.split("_")[-1]) if p.name.startswith("iter_") else None
-        if it is None:
-            raise ValueError(f"{p}: a legacy checkpoint directory must be named iter_XXXXXXX or release")
-        ref = layout.CheckpointRef(p.parent, p, it, p.name == layout.RELEASE)
-    if ref is None:
-        layout.require_latest(ckpt)  # raises with the explanation
-    if (ref.path / ".metadata").is_file():
-        return ref, "torch_dist"
-    if any(ref.path.glob("mp_rank_*")):
-        return ref, "torch"
-    raise FileNotFoundError(f"{ref.path}: neither torch_dist files (.metadata) nor legacy mp_rank_* "
-                            "directories: the checkpoint is incomplete or not a megatron checkpoint")
-
-
 COMMON_OBJECT = "common_state"  # megatron-core >= 0.19 keeps the non-sharded state in this object, not common.pt
 
 
@@ -125,9 +107,10 @@ def model_args(root: Path, src: legacy.Source) -> dict:
     """Shape arguments for the layout checks: config.json, else args.json's model, else legacy args."""
     if (root / "config.json").is_file():
         from hpctrain.model.build import model_args_from_hf
+        from hpctrain.model.families import read_config_json
 
         pad = src.tensors.get(legacy.EMBED, ((None,),))[0][0]
-        return model_args_from_hf(json.loads((root / "config.json").read_text()), padded_vocab_size=pad,
+        return model_args_from_hf(read_config_json(root / "config.json"), padded_vocab_size=pad,
                                   where=str(root / "config.json"))
     if (root / "args.json").is_file():
         m = json.loads((root / "args.json").read_text()).get("model") or {}

@@ -2,8 +2,11 @@
 
 Each config field carries three facts next to its type and default:
 ``help`` (one line, shown by ``--help`` style listings and docs), ``choices`` (the allowed values of a
-string/enum field, or of each item of a list field) and ``unsupported`` (the field exists so Megatron-SWIFT
-commands parse, but this version refuses any non-default value with a clear error).
+string/enum field, or of each item of a list field) and ``unsupported``: the field exists so
+Megatron-SWIFT command lines and configs parse, but the feature is not built, so setting the key at all
+(any value, in a file or as a flag) is refused. ``unsupported`` is ``True`` (the section's message in
+refusals.SECTION_MESSAGES, or a generic one, is shown) or the message itself: what is not built and
+what to use instead.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import dataclasses
 from typing import Any
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, unsupported: bool = False) -> Any:
+def opt(default: Any, help: str, *, choices: tuple | None = None, unsupported: bool | str = False) -> Any:
     """Declare a config field with its default, one-line help and optional choices.
 
     Mutable defaults (lists, dicts) become ``default_factory`` so instances never share them.
@@ -40,3 +43,9 @@ def field_choices(f: dataclasses.Field) -> tuple | None:
 
 def field_unsupported(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("unsupported"))
+
+
+def field_refusal(f: dataclasses.Field) -> str | None:
+    """The field's own refusal message, when ``unsupported`` holds one (not just ``True``)."""
+    value = f.metadata.get("unsupported")
+    return value if isinstance(value, str) else None

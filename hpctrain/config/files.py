@@ -10,12 +10,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from hpctrain.config.coerce import coerce
 from hpctrain.config.errors import ConfigError
-from hpctrain.config.fields import field_default
+from hpctrain.config.fields import field_unsupported
 from hpctrain.config.job import FIELD_SECTION, JobConfig
-from hpctrain.config.keys import resolve_key, unknown_key_error
+from hpctrain.config.keys import unknown_key_error
 from hpctrain.config.sections import SECTIONS
+from hpctrain.config.spellings import put, spelling_of, typed_override
 
 
 def read_document(path: str | os.PathLike) -> tuple[dict, str]:
@@ -66,22 +66,23 @@ def _where(path: str, text: str, section: str | None, key: str) -> str:
 def document_overrides(doc: dict, path: str, text: str = "") -> dict[tuple[str, str], Any]:
     """Typed {(section, field): value} from a parsed document. Top-level scalars take flat names."""
     out: dict[tuple[str, str], Any] = {}
+    given: dict[tuple[str, str], str] = {}
     for top, body in doc.items():
         if isinstance(body, dict) and top in SECTIONS:
             for key, value in body.items():
                 where = _where(path, text, top, key)
-                sec, name = resolve_key(f"{top}.{key}", where)
-                out[(sec, name)] = coerce(sec, name, value, where=where)
+                target, typed = typed_override(f"{top}.{key}", value, where)
+                put(out, given, target, typed, f"{top}.{key}", where)
         elif isinstance(body, dict):
             guess = resolve_section_hint(top)
             raise ConfigError(f"{_where(path, text, None, top)}: unknown section [{top}].{guess} "
                               f"Sections: {', '.join(SECTIONS)}")
         else:
             where = _where(path, text, None, top)
-            if top not in FIELD_SECTION:
+            if top not in FIELD_SECTION and spelling_of(top) is None:
                 raise unknown_key_error(top, None, where)
-            sec, name = resolve_key(top, where)
-            out[(sec, name)] = coerce(sec, name, body, where=where)
+            target, typed = typed_override(top, body, where)
+            put(out, given, target, typed, top, where)
     return out
 
 
@@ -126,17 +127,24 @@ def toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
+def dumpable(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} of the keys that run: keys of features that are not built (``unsupported``)
+    are left out, so args.json never claims e.g. an rlhf_type; a dump reloads without being refused."""
+    full = cfg.to_dict()
+    return {sec: {f.name: full[sec][f.name] for f in dataclasses.fields(SECTIONS[sec]) if not field_unsupported(f)}
+            for sec in SECTIONS}
+
+
 def to_toml(cfg: JobConfig) -> str:
-    """The whole config as TOML text; None values equal to a None default are left out."""
+    """The config as TOML text (the keys of dumpable()); None values equal to a None default are left out."""
     lines = ["# hpctrain resolved config: reload with load_config(path) or hpctrain <cmd> path", ""]
-    for sec in SECTIONS:
+    defaults = JobConfig()
+    for sec, values in dumpable(cfg).items():
         lines.append(f"[{sec}]")
-        obj = getattr(cfg, sec)
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if value is None and field_default(f) is None:
+        for name, value in values.items():
+            if value is None and getattr(getattr(defaults, sec), name) is None:
                 continue
-            lines.append(f"{f.name} = {toml_value(value)}")
+            lines.append(f"{name} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -158,8 +166,8 @@ def dump_toml(cfg: JobConfig, path: str | os.PathLike) -> None:
 
 
 def dump_json(cfg: JobConfig, path: str | os.PathLike) -> None:
-    """Write the config as JSON {section: {field: value}} (args.json), atomically."""
-    _atomic_write(path, json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    """Write the config as JSON {section: {field: value}} (args.json; the keys of dumpable()), atomically."""
+    _atomic_write(path, json.dumps(dumpable(cfg), indent=2, ensure_ascii=False) + "\n")
 
 
 def apply_overrides(cfg: JobConfig, overrides: dict[tuple[str, str], Any]) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from hpctrain.config.coerce import coerce, field_type, split_optional
+from hpctrain.config.coerce import field_type, split_optional
 from hpctrain.config.errors import ConfigError
 from hpctrain.config.keys import resolve_key
+from hpctrain.config.spellings import is_bool_spelling, put, typed_override
 
 
 def _is_flag(token: str) -> bool:
@@ -51,18 +52,27 @@ def group_flags(tokens: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def parse_overrides(tokens: list[str]) -> dict[tuple[str, str], Any]:
-    """Typed overrides from CLI tokens; a repeated flag: the last one wins."""
+    """Typed overrides from CLI tokens; a repeated flag: the last one wins. Two different flags that set
+    the same key (``--use_flash_attn --attention_backend unfused``) are an error."""
     result: dict[tuple[str, str], Any] = {}
+    given: dict[tuple[str, str], str] = {}
     for key, values in group_flags(tokens):
         where = f"command-line flag {key}"
-        sec, name = resolve_key(key, where)
-        inner, _ = split_optional(field_type(sec, name))
         if not values:
-            if inner is bool:
-                values = ["true"]
-            elif typing.get_origin(inner) is list:
-                values = []
-            else:
-                raise ConfigError(f"{where}: needs a value (e.g. {key} VALUE)")
-        result[(sec, name)] = coerce(sec, name, values, from_cli=True, where=where)
+            values = _bare_value(key, where)
+        target, value = typed_override(key, values, where, from_cli=True)
+        put(result, given, target, value, key, where)
     return result
+
+
+def _bare_value(key: str, where: str) -> list[str]:
+    """A flag given without a value: true for a bool, an empty list for a list, else an error."""
+    if is_bool_spelling(key):
+        return ["true"]
+    sec, name = resolve_key(key, where)
+    inner, _ = split_optional(field_type(sec, name))
+    if inner is bool:
+        return ["true"]
+    if typing.get_origin(inner) is list:
+        return []
+    raise ConfigError(f"{where}: needs a value (e.g. {key} VALUE)")

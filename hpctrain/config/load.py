@@ -1,5 +1,5 @@
 """load_config: defaults < config file (TOML/JSON) < environment (NPROC_PER_NODE, ...) < CLI flags,
-then resolve() derived defaults, then validate()."""
+then resolve() derived defaults, then validate() (and, where the trainer starts, machine checks)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ from hpctrain.config.errors import ConfigError
 from hpctrain.config.files import apply_overrides, document_overrides, read_document
 from hpctrain.config.flags import parse_overrides, split_argv
 from hpctrain.config.job import JobConfig, section_fields
+from hpctrain.config.machine import check_machine
 from hpctrain.config.resolve import env_overrides, resolve
 from hpctrain.config.sections import SECTIONS
 from hpctrain.config.validate import validate
@@ -17,37 +18,43 @@ MODES = ("sft", "pt", "export", "infer", "plan", "submit", "prep", "reshard")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), mode: str = "sft",
-                environ: Mapping[str, str] | None = None) -> JobConfig:
+                environ: Mapping[str, str] | None = None, on_this_machine: bool = False) -> JobConfig:
     """Build the validated JobConfig for one command.
 
     path: a .toml (or .json, e.g. a dumped args.json) config file, or None.
     overrides: CLI tokens such as ``["--lr", "1e-5", "--dataset", "a#500", "b"]``.
-    mode: the subcommand; train.mode is set to it for sft/pt (mode-dependent defaults, e.g.
-        use_chat_template, differ between sft and pt).
+    mode: the subcommand; train.mode is set to it for sft/pt (a train.mode set to the other one is refused).
     environ: where NPROC_PER_NODE / CUDA_VISIBLE_DEVICES / NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT
         are read from (default os.environ).
+    on_this_machine: the trainer starts here: also refuse what this machine and launch cannot run
+        (machine.py: Transformer Engine / apex / CUDA presence, TP x PP x CP against the world size).
     """
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choices: {', '.join(MODES)}")
+    environ = dict(os.environ if environ is None else environ)
     cfg = JobConfig()
-    explicit: set[tuple[str, str]] = set()
     layers = []
     if path is not None:
         doc, text = read_document(path)
         layers.append(document_overrides(doc, str(path), text))
-    layers.append(env_overrides(dict(os.environ if environ is None else environ)))
+    layers.append(env_overrides(environ))
     layers.append(parse_overrides(list(overrides)))
     for layer in layers:
         apply_overrides(cfg, layer)
-        explicit.update(layer)
     if mode in ("sft", "pt"):
+        if cfg.train.mode != mode and any(("train", "mode") in layer for layer in layers):
+            raise ConfigError(f"train.mode = {cfg.train.mode!r} but the command is `hpctrain {mode}`: the "
+                              f"subcommand sets the mode; run `hpctrain {cfg.train.mode}` or remove train.mode")
         cfg.train.mode = mode
-    resolve(cfg, explicit)
-    return validate(cfg)
+    resolve(cfg)
+    validate(cfg, mode)
+    if on_this_machine:
+        check_machine(cfg, environ)
+    return cfg
 
 
-def config_from_argv(argv: Sequence[str], mode: str = "sft",
-                     environ: Mapping[str, str] | None = None) -> JobConfig:
+def config_from_argv(argv: Sequence[str], mode: str = "sft", environ: Mapping[str, str] | None = None,
+                     on_this_machine: bool = False) -> JobConfig:
     """For a subcommand's ``run(argv)``: ``[config.toml] [--key value ...]`` -> JobConfig.
 
     Strip your command's own flags (e.g. ``--dry-run``) from argv before calling this.
@@ -57,7 +64,7 @@ def config_from_argv(argv: Sequence[str], mode: str = "sft",
         print(config_help(mode))
         raise SystemExit(0)
     path, tokens = split_argv(list(argv))
-    return load_config(path, tokens, mode=mode, environ=environ)
+    return load_config(path, tokens, mode=mode, environ=environ, on_this_machine=on_this_machine)
 
 
 def config_help(mode: str = "sft") -> str:

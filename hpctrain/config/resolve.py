@@ -1,15 +1,13 @@
 """Derived defaults, the way Megatron-SWIFT fills them, in one explicit step after parsing.
 
-resolve() only fills values that are still unset (None) or, for the few Megatron-SWIFT rules that
-depend on whether the user set a key, consults ``explicit`` (the (section, field) pairs the user gave).
-It does no file I/O; values that need the model's config.json or the dataset size (max_length from
-max_position_embeddings, train_iters from max_epochs, transformer_impl and distributed_backend from the
-machine) are filled by the trainer with the helpers at the end of this module.
+resolve() only fills values that are still unset (None). It does no file I/O; values that need the
+model's config.json or the dataset size (max_length from max_position_embeddings, train_iters from
+max_epochs, transformer_impl and distributed_backend from the machine) are filled by the trainer with
+the helpers at the end of this module.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 from hpctrain.config.job import JobConfig
 
@@ -28,21 +26,13 @@ def model_basename(cfg: JobConfig) -> str | None:
     return os.path.splitext(name)[0] if name.endswith(".gguf") else name
 
 
-def resolve(cfg: JobConfig, explicit: Iterable[tuple[str, str]] = ()) -> JobConfig:
+def resolve(cfg: JobConfig) -> JobConfig:
     """Fill derived defaults in place and return cfg. Idempotent."""
-    explicit = set(explicit)
     d, t, ck, p = cfg.data, cfg.train, cfg.checkpoint, cfg.precision
     if d.seq_length is None:
         d.seq_length = d.max_length
     if d.packing_length is None:
         d.packing_length = d.max_length
-    if d.use_chat_template is None:
-        d.use_chat_template = t.mode != "pt"
-    if d.streaming:
-        if ("train", "dataloader_type") not in explicit:
-            t.dataloader_type = "external"
-        if ("data", "num_workers") not in explicit:
-            d.num_workers = 1
     if t.lr is None:
         t.lr = 1e-4 if cfg.tuner.train_type == "lora" else 1e-5
     if t.lr_decay_iters is None:
@@ -56,11 +46,6 @@ def resolve(cfg: JobConfig, explicit: Iterable[tuple[str, str]] = ()) -> JobConf
         p.fp16 = False
     if p.fp16 and p.bf16 is None:
         p.bf16 = False
-    if p.apply_query_key_layer_scaling is None and p.fp16 is not None:
-        p.apply_query_key_layer_scaling = bool(p.fp16)
-    m = cfg.model
-    if m.group_query_attention is None and m.num_query_groups is not None:
-        m.group_query_attention = m.num_query_groups > 1
     return cfg
 
 
@@ -78,8 +63,6 @@ def apply_torch_dtype(cfg: JobConfig, torch_dtype: str | None) -> None:
         p.fp16 = False if p.bf16 else torch_dtype == "float16"
     elif p.bf16 is None:
         p.bf16 = False if p.fp16 else torch_dtype == "bfloat16"
-    if p.apply_query_key_layer_scaling is None:
-        p.apply_query_key_layer_scaling = bool(p.fp16)
 
 
 def env_overrides(environ: dict[str, str]) -> dict[tuple[str, str], object]:

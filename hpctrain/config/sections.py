@@ -3,7 +3,8 @@
 Every field name is unique across all sections, so a flat flag (``--lr 1e-5``) maps to exactly one
 field (``train.lr``). Defaults are Megatron-SWIFT's; ``None`` means "derived" (see ``resolve.py``) or, for
 model-shape fields, "read from the HF config.json" (``MODEL_FALLBACKS`` holds Megatron-SWIFT's value for
-when config.json lacks it). Fields marked ``unsupported`` parse but are refused when set to a non-default.
+when config.json lacks it). Fields marked ``unsupported`` are features that are not built: setting them at all
+is refused with the message given here (or the section's, in refusals.py), and they are left out of dumps.
 """
 from __future__ import annotations
 
@@ -15,30 +16,50 @@ DTYPES = ("float16", "bfloat16", "float32")
 # megatron-core's recompute_modules, plus hpctrain's "mlp_act" (the dense MLP's SwiGLU output; portable spec)
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "mlp_act")
 
+# Refusal messages shared by several keys: what is not built, and what to use instead.
+_SEQ_CLS = "sequence classification (task_type seq_cls) is not built: hpctrain trains causal LMs; remove the key"
+_STREAMING = ("streaming datasets are not built: datasets are tokenized before training (or while training "
+              "with lazy_tokenize = true); remove the key")
+_INTERLEAVE = ("interleaving datasets is not built: datasets are concatenated (take N rows of each with "
+               "'path#N'); remove the key")
+_MULTIMODAL = "multimodal models are not built: hpctrain trains text models; remove the key"
+_OFFLOAD = ("optimizer CPU offload is not built (megatron-core's hybrid optimizer needs CUDA and TE/apex): keep "
+            "optimizer state on the GPUs and shard it over DP with use_distributed_optimizer = true")
+_PRECISION_AWARE = ("Transformer Engine's precision-aware optimizer is not built: main params and Adam state "
+                    "are fp32; remove the key")
+_FP8 = "FP8 training is not built (it needs Transformer Engine's FP8 layers): train in bf16"
+_WANDB = "wandb logging is not built: use TensorBoard (tensorboard_dir) or <save>/logging.jsonl"
+
 
 @dataclass
 class ModelConfig:
     """Which model to start from and its architecture ("model parameters")."""
 
     model: str | None = opt(None, "HF model dir (or GGUF file) to train/convert; gives config.json + tokenizer")
-    model_type: str | None = opt(None, "model family (qwen2, llama); None = inferred from config.json")
+    model_type: str | None = opt(None, "model family", unsupported="hpctrain takes the model family from "
+                                 "config.json's architectures (qwen2, llama); remove model_type")
     load: str | None = opt(None, "mcore checkpoint directory to load")
     finetune: bool = opt(False, "load weights only: reset iteration to 0, skip optimizer/RNG state, do not skip data")
-    torch_dtype: str | None = opt(None, "weight dtype; None = config.json's torch_dtype", choices=DTYPES)
-    task_type: str = opt("causal_lm", "training task", choices=("causal_lm", "seq_cls"), unsupported=True)
-    num_labels: int | None = opt(None, "number of labels for seq_cls", unsupported=True)
-    problem_type: str | None = opt(None, "seq_cls problem type", unsupported=True)
+    load_safetensors: bool | None = opt(
+        None, "without --load: start from --model's HF weights (true) or from random init (false: "
+        "pretraining from scratch); None = true when --model is given")
+    torch_dtype: str | None = opt(None, "weight and training dtype; None = config.json's dtype / torch_dtype "
+                                  "(bf16/fp16 checkpoints train in bf16/fp16)", choices=DTYPES)
+    task_type: str = opt("causal_lm", "training task", choices=("causal_lm", "seq_cls"), unsupported=_SEQ_CLS)
+    num_labels: int | None = opt(None, "number of labels for seq_cls", unsupported=_SEQ_CLS)
+    problem_type: str | None = opt(None, "seq_cls problem type", unsupported=_SEQ_CLS)
     use_cpu_initialization: bool = opt(False, "initialise weights on the CPU (used by HF <-> mcore conversion)")
-    no_initialization: bool = opt(True, "skip weight init (weights come from a checkpoint)")
+    no_initialization: bool = opt(True, "skip the random init of the weights when they come from --load")
     num_layers: int | None = opt(None, "transformer layers; None = config.json")
     hidden_size: int | None = opt(None, "hidden size; None = config.json")
     ffn_hidden_size: int | None = opt(None, "MLP hidden size; None = config.json (Megatron: 4*hidden_size)")
     num_attention_heads: int | None = opt(None, "attention heads; None = config.json")
-    group_query_attention: bool | None = opt(None, "GQA; None = num_query_groups > 1")
+    group_query_attention: bool | None = opt(None, "GQA; false = one KV head per query head; None = "
+                                             "num_query_groups decides")
     num_query_groups: int | None = opt(None, "KV heads for GQA; None = config.json (Megatron: 1)")
     max_position_embeddings: int | None = opt(None, "max positions; None = config.json")
     position_embedding_type: str | None = opt(
-        None, "positional embedding; None = rope",
+        None, "positional embedding; None = rope (relative, mrope refused)",
         choices=("learned_absolute", "rope", "mrope", "relative", "none"))
     rotary_base: float | None = opt(None, "RoPE theta; None = config.json (Megatron: 10000)")
     rotary_percent: float | None = opt(None, "fraction of head dim rotated; None = 1.0")
@@ -76,31 +97,44 @@ class DataConfig:
     split_dataset_ratio: float = opt(0.0, "fraction of dataset split off for validation when val_dataset is empty")
     data_seed: int = opt(42, "seed for dataset sampling/shuffling/splitting")
     dataset_num_proc: int = opt(1, "processes for dataset preprocessing")
-    load_from_cache_file: bool = opt(False, "reuse datasets' cache files for preprocessing")
+    load_from_cache_file: bool = opt(False, "reuse datasets' cache files", unsupported=(
+        "hpctrain does not use the datasets cache: to tokenize once and reuse the result, run `hpctrain prep` "
+        "and set prep_dir"))
     dataset_shuffle: bool = opt(True, "shuffle the training dataset")
     val_dataset_shuffle: bool = opt(False, "shuffle the validation dataset")
     train_dataloader_shuffle: bool = opt(True, "shuffle sample order in the training dataloader")
-    streaming: bool = opt(False, "stream and preprocess on the fly (needs train_iters)")
-    interleave_prob: list[float] | None = opt(None, "interleave datasets with these probabilities", unsupported=True)
+    streaming: bool = opt(False, "stream and preprocess on the fly", unsupported=_STREAMING)
+    interleave_prob: list[float] | None = opt(None, "interleave datasets with these probabilities",
+                                              unsupported=_INTERLEAVE)
     stopping_strategy: str = opt("first_exhausted", "interleave stopping rule",
-                                 choices=("first_exhausted", "all_exhausted"))
-    shuffle_buffer_size: int = opt(1000, "shuffle buffer for streaming datasets")
+                                 choices=("first_exhausted", "all_exhausted"), unsupported=_INTERLEAVE)
+    shuffle_buffer_size: int = opt(1000, "shuffle buffer for streaming datasets", unsupported=_STREAMING)
     columns: dict | None = opt(None, "rename dataset columns: {'old': 'new'} (JSON string on the CLI)")
     strict: bool = opt(True, "a malformed row is an error (False: skip it with a warning)")
     model_name: list[str] | None = opt(None, "self-cognition {{NAME}}: Chinese and English name")
     model_author: list[str] | None = opt(None, "self-cognition {{AUTHOR}}: Chinese and English author")
-    cached_dataset: list[str] = opt([], "pre-tokenised ms-swift cached datasets", unsupported=True)
-    template: str | None = opt(None, "chat template name; None = from the model family")
+    cached_dataset: list[str] = opt([], "pre-tokenised ms-swift cached datasets", unsupported=(
+        "ms-swift cached datasets are not read: run `hpctrain prep` once and set prep_dir"))
+    template: str | None = opt(None, "chat template name", unsupported=(
+        "choosing a template by name is not built: hpctrain renders the tokenizer's own chat template "
+        "(tokenizer_config.json / chat_template.jinja); remove template"))
     system: str | None = opt(None, "default system prompt; None = the template's")
     max_length: int | None = opt(None, "max tokens per sample; None = max_position_embeddings")
     truncation_strategy: str = opt("delete", "sample longer than max_length", choices=("delete", "left", "right"))
     loss_scale: str = opt("default", "which tokens get loss (template loss_scale)",
-                          choices=("default", "last_round", "all"))
-    use_chat_template: bool | None = opt(None, "apply the chat template; None = True for sft, False for pt")
+                          choices=("default", "last_round", "all"), unsupported=(
+                              "loss_scale is not built: sft trains on every assistant turn (ms-swift's "
+                              "'default') and pt on every token; remove loss_scale"))
+    use_chat_template: bool | None = opt(None, "apply the chat template", unsupported=(
+        "hpctrain sft always renders the tokenizer's chat template and hpctrain pt never does: "
+        "pick the command, remove use_chat_template"))
     packing: bool = opt(False, "pack samples into packing_length rows")
     packing_length: int | None = opt(None, "packed row length; None = max_length")
-    padding_free: bool = opt(True, "flatten the batch (no padding) when the attention supports it")
-    mlp_padding_free: bool = opt(False, "padding-free MLP with a custom attention mask", unsupported=True)
+    padding_free: bool = opt(True, "flatten the batch (no padding)", unsupported=(
+        "padding-free batches of unpacked samples are not built: set packing = true (packed rows carry no "
+        "padding between samples); remove padding_free"))
+    mlp_padding_free: bool = opt(False, "padding-free MLP with a custom attention mask", unsupported=(
+        "custom attention masks are not built; remove mlp_padding_free"))
     lazy_tokenize: bool = opt(False, "tokenize during training instead of before")
     num_workers: int = opt(4, "dataloader workers")
     seq_length: int | None = opt(None, "Megatron sequence length; None = max_length")
@@ -124,8 +158,8 @@ class ParallelConfig:
     tp_comm_overlap: bool = opt(False, "overlap TP communication with GEMMs (needs Transformer Engine)")
     overlap_grad_reduce: bool = opt(False, "overlap DP grad reduce with backward")
     overlap_param_gather: bool = opt(False, "overlap distributed-optimizer param all-gather")
-    distributed_timeout_minutes: int | None = opt(None, "torch.distributed timeout (minutes); None = ddp_timeout")
-    ddp_timeout: int = opt(18000000, "torch.distributed timeout in seconds")
+    distributed_timeout_minutes: int = opt(60, "timeout of every torch.distributed process group (minutes)")
+    ddp_timeout: int | None = opt(None, "the same timeout in seconds (ms-swift's spelling); when set it wins")
 
 
 @dataclass
@@ -163,6 +197,11 @@ class TrainConfig:
     lr_warmup_iters: int = opt(0, "linear warmup steps")
     lr_warmup_fraction: float | None = opt(None, "warmup as a fraction of lr_decay_iters")
     min_lr: float = opt(0.0, "LR floor")
+    lr_wsd_decay_iters: int | None = opt(None, "WSD: iterations of the final anneal (needed by lr_decay_style WSD)")
+    lr_wsd_decay_style: str = opt("exponential", "WSD: anneal shape",
+                                  choices=("exponential", "linear", "cosine", "minus_sqrt"))
+    override_opt_param_scheduler: bool = opt(False, "on resume, use this run's LR schedule, not the checkpoint's")
+    use_checkpoint_opt_param_scheduler: bool = opt(False, "on resume, keep the checkpoint's LR schedule")
     no_masked_softmax_fusion: bool = opt(False, "disable fused scale+mask+softmax")
     no_bias_dropout_fusion: bool = opt(False, "disable bias+dropout fusion")
     no_bias_swiglu_fusion: bool = opt(False, "disable bias+swiglu fusion")
@@ -186,10 +225,14 @@ class TrainConfig:
     manual_gc: bool = opt(False, "disable automatic GC; collect every manual_gc_interval steps")
     manual_gc_interval: int = opt(0, "steps between manual GC runs (0 = only at checkpoints)")
     extra_megatron_kwargs: dict | None = opt(None, "extra megatron-core TransformerConfig kwargs (JSON on the CLI)")
-    enable_dft_loss: bool = opt(False, "Dynamic Fine-Tuning loss", unsupported=True)
-    enable_channel_loss: bool = opt(False, "per-channel loss", unsupported=True)
-    vit_gradient_checkpointing: bool = opt(True, "multimodal ViT recompute", unsupported=True)
-    gradient_checkpointing_kwargs: dict | None = opt(None, "torch.utils.checkpoint kwargs", unsupported=True)
+    enable_dft_loss: bool = opt(False, "Dynamic Fine-Tuning loss", unsupported=(
+        "the DFT loss is not built: sft trains with the token cross entropy; remove enable_dft_loss"))
+    enable_channel_loss: bool = opt(False, "per-channel loss", unsupported=(
+        "per-channel loss is not built: one loss over all tokens; remove enable_channel_loss"))
+    vit_gradient_checkpointing: bool = opt(True, "multimodal ViT recompute", unsupported=_MULTIMODAL)
+    gradient_checkpointing_kwargs: dict | None = opt(None, "torch.utils.checkpoint kwargs", unsupported=(
+        "activation recompute is megatron-core's: use recompute_granularity / recompute_method / "
+        "recompute_num_layers"))
 
 
 @dataclass
@@ -203,17 +246,17 @@ class OptimConfig:
     adam_beta2: float = opt(0.95, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     sgd_momentum: float = opt(0.9, "SGD momentum")
-    optimizer_cpu_offload: bool = opt(False, "keep optimizer state on the CPU")
-    optimizer_offload_fraction: float = opt(1.0, "fraction of optimizer state offloaded")
-    use_precision_aware_optimizer: bool = opt(False, "TE precision-aware optimizer", unsupported=True)
+    optimizer_cpu_offload: bool = opt(False, "keep optimizer state on the CPU", unsupported=_OFFLOAD)
+    optimizer_offload_fraction: float = opt(1.0, "fraction of optimizer state offloaded", unsupported=_OFFLOAD)
+    use_precision_aware_optimizer: bool = opt(False, "TE precision-aware optimizer", unsupported=_PRECISION_AWARE)
     main_grads_dtype: str = opt("fp32", "main grads dtype (precision-aware)", choices=("fp32", "bf16"),
-                                unsupported=True)
+                                unsupported=_PRECISION_AWARE)
     main_params_dtype: str = opt("fp32", "main params dtype (precision-aware)", choices=("fp32", "fp16"),
-                                 unsupported=True)
+                                 unsupported=_PRECISION_AWARE)
     exp_avg_dtype: str = opt("fp32", "Adam m dtype (precision-aware)", choices=("fp32", "fp16", "bf16", "fp8"),
-                             unsupported=True)
+                             unsupported=_PRECISION_AWARE)
     exp_avg_sq_dtype: str = opt("fp32", "Adam v dtype (precision-aware)", choices=("fp32", "fp16", "bf16", "fp8"),
-                                unsupported=True)
+                                unsupported=_PRECISION_AWARE)
 
 
 @dataclass
@@ -222,19 +265,19 @@ class PrecisionConfig:
 
     bf16: bool | None = opt(None, "bf16 training; None = from torch_dtype")
     fp16: bool | None = opt(None, "fp16 training; None = from torch_dtype")
-    apply_query_key_layer_scaling: bool | None = opt(None, "scale QK^T by 1/layer; None = True with fp16")
+    apply_query_key_layer_scaling: bool | None = opt(None, "scale QK^T by 1/layer (true is refused)")
     attention_softmax_in_fp32: bool = opt(True, "attention mask+softmax in fp32")
     static_loss_scale: float | None = opt(None, "fixed fp16 loss scale (Megatron-LM --loss-scale); None = dynamic")
     initial_loss_scale: float = opt(4294967296.0, "initial dynamic fp16 loss scale (2**32)")
     min_loss_scale: float = opt(1.0, "minimum dynamic fp16 loss scale")
     loss_scale_window: int = opt(1000, "steps without overflow before the loss scale grows")
     hysteresis: int = opt(2, "overflows tolerated before the loss scale shrinks")
-    fp8_format: str | None = opt(None, "FP8 format", choices=("e4m3", "hybrid"), unsupported=True)
+    fp8_format: str | None = opt(None, "FP8 format", choices=("e4m3", "hybrid"), unsupported=_FP8)
     fp8_recipe: str = opt("delayed", "FP8 recipe", choices=("tensorwise", "delayed", "mxfp8", "blockwise"),
-                          unsupported=True)
-    fp8_amax_history_len: int = opt(1024, "FP8 amax history length", unsupported=True)
-    fp8_amax_compute_algo: str = opt("max", "FP8 amax algorithm", choices=("most_recent", "max"), unsupported=True)
-    fp8_param_gather: bool = opt(False, "keep params in FP8 and gather in FP8", unsupported=True)
+                          unsupported=_FP8)
+    fp8_amax_history_len: int = opt(1024, "FP8 amax history length", unsupported=_FP8)
+    fp8_amax_compute_algo: str = opt("max", "FP8 amax algorithm", choices=("most_recent", "max"), unsupported=_FP8)
+    fp8_param_gather: bool = opt(False, "keep params in FP8 and gather in FP8", unsupported=_FP8)
 
 
 @dataclass
@@ -259,18 +302,18 @@ class LogConfig:
 
     log_interval: int = opt(5, "steps between log lines")
     tensorboard_dir: str | None = opt(None, "TensorBoard dir; None = <save>/runs")
-    log_params_norm: bool = opt(False, "log the parameter norm")
-    log_throughput: bool = opt(False, "log tokens/s and TFLOP/s per GPU")
+    log_params_norm: bool = opt(True, "log the L2 norm of all parameters (console, logging.jsonl, TensorBoard)")
+    log_throughput: bool = opt(True, "log tokens/s, TFLOP/s and MFU per GPU (console, logging.jsonl, TensorBoard)")
     tensorboard_log_interval: int = opt(1, "steps between TensorBoard writes")
     tensorboard_queue_size: int = opt(50, "TensorBoard writer queue length")
-    log_timers_to_tensorboard: bool = opt(True, "write timers to TensorBoard")
+    log_timers_to_tensorboard: bool = opt(True, "write step/data/save times to TensorBoard (timers/*)")
     no_log_learning_rate_to_tensorboard: bool = opt(False, "do not write the LR to TensorBoard")
     log_validation_ppl_to_tensorboard: bool = opt(True, "write validation perplexity to TensorBoard")
-    log_memory_to_tensorboard: bool = opt(True, "write memory use to TensorBoard")
+    log_memory_to_tensorboard: bool = opt(True, "write memory use to TensorBoard (GPU memory; peak RSS on CPU)")
     logging_level: str | None = opt(None, "Python logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    wandb_project: str = opt("", "wandb project", unsupported=True)
-    wandb_exp_name: str = opt("", "wandb experiment name", unsupported=True)
-    wandb_save_dir: str = opt("", "wandb local dir", unsupported=True)
+    wandb_project: str = opt("", "wandb project", unsupported=_WANDB)
+    wandb_exp_name: str = opt("", "wandb experiment name", unsupported=_WANDB)
+    wandb_save_dir: str = opt("", "wandb local dir", unsupported=_WANDB)
 
 
 @dataclass
@@ -290,7 +333,8 @@ class ExportConfig:
     mcore_model: str | None = opt(None, "mcore checkpoint to convert to HF")
     output_dir: str | None = opt(None, "conversion output dir; None = <input>-mcore / <input>-hf")
     test_convert_precision: bool = opt(False, "compare HF and mcore logits after converting")
-    exist_ok: bool = opt(False, "allow writing into an existing output_dir")
+    exist_ok: bool = opt(False, "allow writing into an existing output_dir", unsupported=(
+        "hpctrain export replaces an existing output_dir with --overwrite true; remove exist_ok"))
 
 
 @dataclass

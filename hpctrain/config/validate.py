@@ -1,4 +1,4 @@
-"""Whole-config checks after resolve(): types, choices, unsupported features, ranges and contradictions.
+"""Whole-config checks after resolve(): types, choices, refused values, ranges and contradictions.
 
 Every message names the key(s), the offending value(s) and what to change.
 """
@@ -11,6 +11,7 @@ from hpctrain.config.coerce import coerce
 from hpctrain.config.errors import ConfigError
 from hpctrain.config.fields import field_default, field_unsupported
 from hpctrain.config.job import JobConfig
+from hpctrain.config.refusals import check_value_refusals, unbuilt_message
 from hpctrain.config.sections import SECTIONS
 
 TRAIN_MODES = ("sft", "pt")
@@ -18,7 +19,8 @@ _SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2
 
 
 def _check_fields(cfg: JobConfig) -> None:
-    """Each value has its declared type and one of its choices; unsupported features stay at default."""
+    """Each value has its declared type and one of its choices; keys of features that are not built keep
+    their defaults (the user cannot set them: spellings.py refuses; this catches configs built in code)."""
     for sec in SECTIONS:
         obj = getattr(cfg, sec)
         for f in dataclasses.fields(obj):
@@ -26,8 +28,7 @@ def _check_fields(cfg: JobConfig) -> None:
             where = f"config key '{sec}.{f.name}'"
             coerce(sec, f.name, value, where=where)  # raises on a wrong type or a value outside the choices
             if field_unsupported(f) and value != field_default(f):
-                raise ConfigError(f"{where} = {value!r}: not supported in this version of hpctrain "
-                                  f"(only the default {field_default(f)!r} is); remove it from the config")
+                raise ConfigError(f"{where} = {value!r}: not supported yet: {unbuilt_message(sec, f.name)}")
 
 
 # (key, lowest allowed value); None values are skipped (unset optional keys).
@@ -94,8 +95,6 @@ def _parallel(cfg: JobConfig) -> None:
     if par.overlap_param_gather and not (par.use_distributed_optimizer and par.overlap_grad_reduce):
         raise ConfigError("parallel.overlap_param_gather = true needs use_distributed_optimizer = true and "
                           "overlap_grad_reduce = true")
-    if cfg.optim.optimizer_cpu_offload and not par.use_distributed_optimizer:
-        raise ConfigError("optim.optimizer_cpu_offload = true needs parallel.use_distributed_optimizer = true")
     la = cfg.launch
     if la.nproc_per_node is not None and la.cuda_visible_devices:
         gpus = [g for g in la.cuda_visible_devices.split(",") if g.strip()]
@@ -109,19 +108,12 @@ def _training(cfg: JobConfig) -> None:
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                           f"train.micro_batch_size ({t.micro_batch_size})")
-    if t.lr_warmup_fraction is not None and t.lr_warmup_iters:
-        raise ConfigError(f"train.lr_warmup_iters ({t.lr_warmup_iters}) and train.lr_warmup_fraction "
-                          f"({t.lr_warmup_fraction}) are both set: keep only one")
-    if t.lr is not None and t.min_lr > t.lr:
-        raise ConfigError(f"train.min_lr ({t.min_lr}) is larger than train.lr ({t.lr})")
     if p.fp16 and p.bf16:
         raise ConfigError("precision.fp16 and precision.bf16 are both true: choose one")
     dtype = cfg.model.torch_dtype
     if dtype and ((p.fp16 and dtype == "bfloat16") or (p.bf16 and dtype == "float16")):
         raise ConfigError(f"model.torch_dtype = {dtype!r} contradicts precision "
                           f"{'fp16' if p.fp16 else 'bf16'} = true: make them agree")
-    if t.mode in TRAIN_MODES and cfg.data.streaming and t.train_iters is None:
-        raise ConfigError("data.streaming = true needs train.train_iters (a stream has no length)")
     for key in ("model_name", "model_author"):
         names = getattr(cfg.data, key)
         if names is not None and not 1 <= len(names) <= 2:
@@ -142,6 +134,87 @@ def _export_and_slurm(cfg: JobConfig) -> None:
     if cfg.slurm.time is not None and not _SLURM_TIME.match(cfg.slurm.time):
         raise ConfigError(f"slurm.time = {cfg.slurm.time!r} is not a Slurm time: use minutes, 'HH:MM:SS' "
                           "or 'D-HH:MM:SS'")
+
+
+def lr_warmup(warmup_iters: int, warmup_fraction: float | None, decay: int) -> float:
+    """The warmup in iterations, as Megatron-LM derives it (lr_warmup_fraction is a fraction of the decay,
+    not rounded); megatron-core's scheduler needs it shorter than the decay."""
+    warmup = warmup_fraction * decay if warmup_fraction is not None else warmup_iters
+    if warmup >= decay:
+        raise ConfigError(f"the LR warmup ({warmup:g} iterations) must end before the decay does (lr_decay_iters "
+                          f"= {decay}, default train_iters): lower lr_warmup_iters / lr_warmup_fraction or raise "
+                          "lr_decay_iters")
+    return warmup
+
+
+def _schedule(cfg: JobConfig) -> None:
+    """The LR schedule megatron-core's OptimizerParamScheduler can run (it asserts warmup < decay)."""
+    t = cfg.train
+    if t.lr_warmup_fraction is not None and t.lr_warmup_iters:
+        raise ConfigError(f"train.lr_warmup_iters ({t.lr_warmup_iters}) and train.lr_warmup_fraction "
+                          f"({t.lr_warmup_fraction}) are both set: keep only one")
+    if t.lr is not None and t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr ({t.min_lr}) is larger than train.lr ({t.lr})")
+    if t.lr_decay_style == "WSD" and t.lr_wsd_decay_iters is None:
+        raise ConfigError("train.lr_decay_style = 'WSD' needs train.lr_wsd_decay_iters (the iterations of the "
+                          "final anneal), e.g. --lr_wsd_decay_iters 100")
+    if t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("train.override_opt_param_scheduler and train.use_checkpoint_opt_param_scheduler are "
+                          "both true: on resume use this run's schedule (override) or the checkpoint's, not both")
+    decay = t.lr_decay_iters
+    if decay is None:
+        return  # from max_epochs: the trainer checks once it knows the dataset size
+    lr_warmup(t.lr_warmup_iters, t.lr_warmup_fraction, decay)
+    if t.lr_wsd_decay_iters is not None and t.lr_wsd_decay_iters > decay:
+        raise ConfigError(f"train.lr_wsd_decay_iters ({t.lr_wsd_decay_iters}) is longer than the decay "
+                          f"(lr_decay_iters = {decay})")
+
+
+def _checkpoint_and_model(cfg: JobConfig) -> None:
+    ck, par, m = cfg.checkpoint, cfg.parallel, cfg.model
+    if ck.ckpt_format == "torch":
+        if not (ck.no_save_optim and ck.no_save_rng):
+            raise ConfigError("checkpoint.ckpt_format = 'torch' (Megatron-LM's per-rank files) is written with the "
+                              "weights, iteration and LR schedule only: set no_save_optim = true and no_save_rng = "
+                              "true, or use ckpt_format = torch_dist (which keeps them for an exact resume)")
+        if par.virtual_pipeline_model_parallel_size or par.decoder_first_pipeline_num_layers or \
+                par.decoder_last_pipeline_num_layers:
+            raise ConfigError("checkpoint.ckpt_format = 'torch' is written for evenly split pipeline stages without "
+                              "virtual stages: use ckpt_format = torch_dist with virtual or uneven stages")
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    if m.group_query_attention is False and groups is not None and heads is not None and groups != heads:
+        raise ConfigError(f"model.group_query_attention = false means one KV head per query head, but "
+                          f"num_query_groups = {groups} and num_attention_heads = {heads}: drop one of them")
+
+
+SELF_COGNITION = ("swift/self-cognition", "self_cognition", "self-cognition")
+
+
+def _self_cognition(cfg: JobConfig) -> None:
+    """The self-cognition set's rows hold {{NAME}} and {{AUTHOR}}: both names must be given."""
+    for ds in cfg.data.dataset + cfg.data.val_dataset:
+        path = ds.split("#")[0].rstrip("/")
+        base = path.rsplit("/", 1)[-1]
+        if path == SELF_COGNITION[0] or base.startswith(SELF_COGNITION[1:]):
+            for key in ("model_name", "model_author"):
+                if not getattr(cfg.data, key):
+                    raise ConfigError(f"data.dataset {ds!r} is a self-cognition set, whose rows need {key}: "
+                                      f"pass --{key} (one value, or two: Chinese English), e.g. "
+                                      f"--model_name swift-robot --model_author swift")
+
+
+EXPORT_ONLY = ("to_mcore", "to_hf", "mcore_model", "output_dir", "test_convert_precision")
+
+
+def _for_command(cfg: JobConfig, mode: str | None) -> None:
+    """[export] keys belong to `hpctrain export`: in sft/pt they would do nothing, so refuse them there."""
+    if mode not in TRAIN_MODES:
+        return
+    for key in EXPORT_ONLY:
+        value = getattr(cfg.export, key)
+        if value not in (None, False):
+            raise ConfigError(f"export.{key} = {value!r} is an option of `hpctrain export` (conversion), which "
+                              f"`hpctrain {mode}` does not do: checkpoints go to --save; remove it")
 
 
 def _profile(cfg: JobConfig) -> None:
@@ -175,14 +248,21 @@ def _cuda_graphs(cfg: JobConfig) -> None:
         raise ConfigError("train.cuda_graph_impl = 'local' cannot be used here: " + "; ".join(problems))
 
 
-def validate(cfg: JobConfig) -> JobConfig:
-    """Raise ConfigError for the first problem found; return cfg when it is consistent."""
+def validate(cfg: JobConfig, mode: str | None = None) -> JobConfig:
+    """Raise ConfigError for the first problem found; return cfg when it is consistent.
+
+    ``mode``: the subcommand reading the config, for the checks that depend on it (None: skip them)."""
     _check_fields(cfg)
+    check_value_refusals(cfg)
     _positive(cfg)
     _recompute(cfg)
     _cuda_graphs(cfg)
     _profile(cfg)
     _parallel(cfg)
     _training(cfg)
+    _schedule(cfg)
+    _checkpoint_and_model(cfg)
+    _self_cognition(cfg)
+    _for_command(cfg, mode)
     _export_and_slurm(cfg)
     return cfg

@@ -16,7 +16,7 @@ from .sources import open_source, parse_spec, sample_rows
 
 log = logging.getLogger(__name__)
 
-_SAMPLE, _SHUFFLE, _SPLIT = 1, 2, 3
+_SAMPLE, _SHUFFLE, _SPLIT, _VAL_SHUFFLE = 1, 2, 3, 4
 
 
 @dataclass
@@ -72,11 +72,13 @@ def build_row_plans(opts: DataOptions) -> tuple[RowPlan, RowPlan | None]:
     if opts.val_dataset:
         if opts.split_dataset_ratio:
             log.info("val_dataset given: split_dataset_ratio=%s is not applied", opts.split_dataset_ratio)
-        return train, mix(opts.val_dataset, opts.seed, False, salt=1)
+        return train, mix(opts.val_dataset, opts.seed, opts.val_dataset_shuffle, salt=1)
     ratio = float(opts.split_dataset_ratio)
     if ratio <= 0 or len(train) < 2:
         return train, None
     n_val = min(len(train) - 1, max(1, int(round(len(train) * ratio))))
     perm = np.random.default_rng([opts.seed, _SPLIT]).permutation(len(train))
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if opts.val_dataset_shuffle:
+        val_idx = val_idx[np.random.default_rng([opts.seed, _VAL_SHUFFLE]).permutation(n_val)]
     return train.take(train_idx), train.take(val_idx)

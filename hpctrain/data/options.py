@@ -22,6 +22,10 @@ class DataOptions:
     """Fraction of the sampled training rows moved to validation."""
     dataset_shuffle: bool = True
     """Shuffle the mixed rows (seeded) before splitting and tokenizing."""
+    val_dataset_shuffle: bool = False
+    """Shuffle the validation rows (seeded); else they keep the order of val_dataset / of the split."""
+    columns: dict | None = None
+    """Rename row keys before the format is detected: {"name in the file": "name the formats read"}."""
     seed: int = 42
     max_length: int = 2048
     """Longest sample in tokens; longer ones follow truncation_strategy."""

@@ -94,8 +94,11 @@ class LazyDataset:
     def __getitem__(self, i: int):
         for step in range(len(self.plan)):
             k = (int(i) + step) % len(self.plan)
-            tally = SkipTally()
+            tally, seen = SkipTally(), self.stats.placeholder_rows
             (res,) = self.encoder.encode_batch([_read(self.plan, k)], tally, self.stats)
+            if self.stats.placeholder_rows > seen:
+                log.warning("lazy_tokenize: %s still holds a {{...}} placeholder after filling "
+                            "{{NAME}}/{{AUTHOR}} (the model would learn the braces)", self.plan.where(k))
             if res is not None:
                 return res
             reason = next(iter(tally.counts), "too long / no loss tokens")

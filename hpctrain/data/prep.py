@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: pt mode stores whole documents + a window index
 TOKEN_FIELDS = ("mode", "max_length", "truncation_strategy", "system", "model_name", "model_author", "seed",
                 "split_dataset_ratio", "dataset_shuffle", "packing", "strict")
+OPTIONAL_TOKEN_FIELDS = ("columns", "val_dataset_shuffle")
 
 
 def _file_stamp(path: Path) -> dict:
@@ -79,6 +80,8 @@ def fingerprint(opts: DataOptions, tokenizer, tokenizer_source: str | None) -> d
               "pt_seq_length": opts.window if opts.mode == "pt" else None,
               "tokenizer": _tokenizer_stamp(tokenizer_source, tokenizer)}
     inputs.update({k: getattr(opts, k) for k in TOKEN_FIELDS})
+    # Later additions, only when set: shards prepared before them keep their fingerprint.
+    inputs.update({k: getattr(opts, k) for k in OPTIONAL_TOKEN_FIELDS if getattr(opts, k)})
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     return {"hash": digest, "inputs": inputs}
 
@@ -108,7 +111,7 @@ def _encoder(opts: DataOptions, tokenizer) -> Encoder:
     max_len = min(opts.max_length, opts.capacity) if opts.packing else opts.max_length
     return Encoder(tokenizer, mode=opts.mode, system=opts.system, max_length=max_len,
                    truncation_strategy=opts.truncation_strategy, model_name=opts.model_name,
-                   model_author=opts.model_author, strict=opts.strict)
+                   model_author=opts.model_author, strict=opts.strict, columns=opts.columns)
 
 
 def prepare(opts: DataOptions, tokenizer, out_dir, tokenizer_source: str | None = None) -> dict:
@@ -175,6 +178,10 @@ def _log_summary(name: str, rows: int, tally, stats, opts: DataOptions) -> None:
         log.info("%s: %d samples truncated (%s); %d of them lost every loss token and were dropped", name,
                  stats.truncated, opts.truncation_strategy, stats.no_loss_after_truncation)
     log.info("%s: %d samples, %d tokens, %d loss tokens", name, stats.samples, stats.tokens, stats.loss_tokens)
+    if stats.placeholder_rows:
+        log.warning("%s: %d rows still hold a {{...}} placeholder after filling {{NAME}}/{{AUTHOR}} (the model "
+                    "would learn the braces): %s; fix the rows or the dataset", name, stats.placeholder_rows,
+                    " | ".join(stats.placeholder_examples))
 
 
 def _write_json(path: Path, obj) -> None:

@@ -15,14 +15,14 @@ max_length does not apply: documents are concatenated and cut into windows (see 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
 
 from .errors import DataError, SkipTally
 from .formats import Conversation, normalize
-from .self_cognition import fill
+from .self_cognition import fill, leftover_placeholders
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
 
@@ -40,17 +40,25 @@ class EncodeStats:
     dropped_too_long: int = 0
     truncated: int = 0
     no_loss_after_truncation: int = 0
+    placeholder_rows: int = 0  # rows still holding a {{...}} after self-cognition filling
+    placeholder_examples: list = field(default_factory=list)  # "where: {{X}}" of the first few
 
     def merge(self, o: "EncodeStats") -> None:
         for k in self.__dataclass_fields__:
             setattr(self, k, getattr(self, k) + getattr(o, k))
+
+    def add_placeholders(self, where: str, found: list[str]) -> None:
+        self.placeholder_rows += 1
+        if len(self.placeholder_examples) < 3:
+            self.placeholder_examples.append(f"{where}: {' '.join(found)}")
 
 
 class Encoder:
     """Row dicts -> (token ids uint32, loss mask uint8), with length handling and bad-row tally."""
 
     def __init__(self, tokenizer, *, mode: str = "sft", system: str | None = None, max_length: int = 2048,
-                 truncation_strategy: str = "delete", model_name=(), model_author=(), strict: bool = False):
+                 truncation_strategy: str = "delete", model_name=(), model_author=(), strict: bool = False,
+                 columns: dict | None = None):
         self.tok = tokenizer
         self.mode = mode
         self.system = system
@@ -58,6 +66,7 @@ class Encoder:
         self.truncation = truncation_strategy
         self.model_name, self.model_author = list(model_name), list(model_author)
         self.strict = strict
+        self.columns = dict(columns or {})  # data.columns: {name in the file: name the formats read}
         eos = tokenizer.eos_token
         self.eot = tuple(dict.fromkeys(([eos] if eos else []) + list(END_OF_TURN)))
         self.eos_id = tokenizer.eos_token_id
@@ -97,9 +106,14 @@ class Encoder:
         return [p for p in out if p[0]]
 
     # -- encoding --------------------------------------------------------------------------
-    def conversation(self, raw: dict, where: str) -> Conversation:
-        conv = normalize(raw, where, self.mode)
-        return fill(conv, where, self.model_name, self.model_author)
+    def conversation(self, raw: dict, where: str, stats: EncodeStats | None = None) -> Conversation:
+        if self.columns and isinstance(raw, dict):
+            raw = {self.columns.get(k, k): v for k, v in raw.items()}
+        conv = fill(normalize(raw, where, self.mode), where, self.model_name, self.model_author)
+        left = leftover_placeholders(conv)
+        if left and stats is not None:
+            stats.add_placeholders(where, left)
+        return conv
 
     def encode_batch(self, rows: list, tally: SkipTally, stats: EncodeStats) -> list:
         """rows: [(raw dict or DataError, where)] -> [(ids, mask) or None], in order."""
@@ -110,7 +124,7 @@ class Encoder:
             try:
                 if isinstance(raw, DataError):
                     raise raw
-                ps = self.pieces(self.conversation(raw, where))
+                ps = self.pieces(self.conversation(raw, where, stats))
             except DataError as e:
                 if self.strict:
                     raise

@@ -5,14 +5,12 @@ The layer-spec choice lives in ONE place, ``select_layer_spec``.
 from __future__ import annotations
 
 import importlib.util
-import json
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from hpctrain.model import mcore_config
-from hpctrain.model.families import family_for
+from hpctrain.model.families import model_args
 
 
 def te_available() -> bool:
@@ -40,30 +38,12 @@ def select_layer_spec(cfg, recompute_act: bool = False):
 
 
 def model_args_from_hf(hf_config: Mapping[str, Any], *, padded_vocab_size: int | None = None,
-                       divisible_by: int = 128, tp: int = 1, where: str = "config.json") -> dict:
-    """Megatron model arguments of an HF config dict (family picked by its architecture)."""
-    fam = family_for(hf_config, where)
-    args = fam.config_map(hf_config)
-    args["model_type"] = fam.name
-    args["padded_vocab_size"] = padded_vocab_size or mcore_config.padded_vocab(
-        args["vocab_size"], divisible_by, tp)
+                       tp: int = 1, where: str = "config.json") -> dict:
+    """Megatron model arguments of an HF config dict (``families.model_args``, the one mapping) plus
+    ``padded_vocab_size``: the checkpoint's embedding rows when known, else ``padded_vocab``."""
+    args = model_args(hf_config, where)
+    args["padded_vocab_size"] = padded_vocab_size or mcore_config.padded_vocab(args["vocab_size"], tp)
     return args
-
-
-def model_args_from_checkpoint(root: str | Path) -> dict:
-    """Model arguments of a converted/trained checkpoint root (its config.json + on-disk vocab)."""
-    from hpctrain.checkpoint import layout
-    from hpctrain.checkpoint.convert_dcp import DcpReader
-
-    root = Path(root)
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} is missing: a converted checkpoint keeps the HF "
-                                "config.json in its root (re-run `hpctrain export --to_mcore`)")
-    hf = json.loads(cfg_path.read_text())
-    ref = layout.require_latest(root)
-    emb = DcpReader(ref.path).shape("embedding.word_embeddings.weight")
-    return model_args_from_hf(hf, padded_vocab_size=int(emb[0]), where=str(cfg_path))
 
 
 def build_gpt_model(args: Mapping[str, Any], *, params_dtype: torch.dtype = torch.float32,

@@ -11,13 +11,18 @@ from typing import Any, Mapping
 
 import torch
 
+from hpctrain.config.errors import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def padded_vocab(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
-    """Megatron's padding: up to a multiple of ``divisible_by * tp``."""
-    m = divisible_by * tp
-    return int(math.ceil(vocab_size / m) * m)
+def padded_vocab(vocab_size: int, tp: int = 1) -> int:
+    """Embedding rows for ``vocab_size`` at tensor parallel size ``tp``: the vocabulary itself when
+    TP divides it (as Megatron-SWIFT does), else the next multiple of TP. Megatron-LM's habit of
+    padding to a multiple of 128 * TP is not followed: padding rows take part in the softmax, so
+    the model's loss would no longer be the HF model's (real vocabularies are multiples of 128 or
+    at least of the usual TP sizes already)."""
+    return int(math.ceil(vocab_size / tp) * tp)
 
 
 def check_tp(args: Mapping[str, Any], tp: int) -> None:
@@ -65,16 +70,28 @@ def transformer_config(args: Mapping[str, Any], *, tp: int = 1, pp: int = 1,
     return TransformerConfig(**kw)
 
 
+def rope_scaling_factor(rs: Mapping[str, Any] | None) -> float | None:
+    """The llama3 scaling factor of a rope_scaling dict (None: plain RoPE). megatron-core's GPTModel
+    only has Llama 3.1's scaling (``rope_scaling=True`` + factor); anything else is refused."""
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind != "llama3":
+        raise ConfigError(f"model.rope_scaling type {kind!r} is not supported by megatron-core's GPTModel "
+                          "(supported: llama3, or none)")
+    return float(rs.get("factor", 8.0))
+
+
 def gpt_model_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
     """GPTModel keyword arguments besides config/spec/pre/post_process."""
-    rs = args.get("rope_scaling") or None
+    factor = rope_scaling_factor(args.get("rope_scaling"))
     return dict(
         vocab_size=int(args["padded_vocab_size"]),
         max_sequence_length=int(args["max_position_embeddings"]),
         position_embedding_type=args.get("position_embedding_type", "rope"),
         rotary_percent=float(args.get("rotary_percent", 1.0)),
-        rotary_base=args.get("rotary_base", 10000.0),
+        rotary_base=float(args.get("rotary_base", 10000.0)),
         share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
-        rope_scaling=bool(rs),
-        rope_scaling_factor=float(rs["factor"]) if rs else 8.0,
+        rope_scaling=factor is not None,
+        rope_scaling_factor=factor or 8.0,
     )

@@ -1,15 +1,14 @@
 """The model shape the planner needs, from an HF config.json and/or explicit [model] fields.
 
 Where the shape comes from (first that exists): cfg.model.model (an HF directory holding
-config.json, or the config.json itself), cfg.model.load (converted mcore checkpoints keep the HF
-config.json in their root). Any [model] field that is set (num_layers, hidden_size, ...) overrides
-the file, so a plan can be made from explicit fields alone.
+config.json, the config.json itself, or a GGUF file), cfg.model.load (converted mcore checkpoints
+and training runs keep the HF config.json in their root; a save root means its newest run), read
+by the families' ``model_args`` (the one HF-config mapping). Any [model] field that is set
+(num_layers, hidden_size, ...) overrides the file, so a plan can be made from explicit fields alone.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 
@@ -43,16 +42,6 @@ class ModelShape:
                              f"num_query_groups({self.num_query_groups}) ({self.source})")
 
 
-# HF config.json key -> ModelShape field (first key present wins).
-_HF_KEYS = {
-    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-    "hidden_size": ("hidden_size", "n_embd", "d_model"),
-    "ffn_hidden_size": ("intermediate_size", "ffn_hidden_size", "n_inner"),
-    "num_attention_heads": ("num_attention_heads", "n_head"),
-    "num_query_groups": ("num_key_value_heads", "num_query_groups"),
-    "vocab_size": ("vocab_size", "padded_vocab_size"),
-    "kv_channels": ("head_dim", "kv_channels"),
-}
 # [model] config field -> ModelShape field, for explicit overrides.
 _CFG_KEYS = {
     "num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
@@ -64,26 +53,14 @@ _CFG_KEYS = {
 }
 
 
-def shape_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """ModelShape fields found in an HF config.json dict (derived ones filled by complete_fields)."""
-    out: dict[str, Any] = {}
-    for field, keys in _HF_KEYS.items():
-        for key in keys:
-            if hf.get(key) is not None:
-                out[field] = hf[key]
-                break
-    if "tie_word_embeddings" in hf:
-        out["untie_embeddings_and_output_weights"] = not hf["tie_word_embeddings"]
-    model_type = str(hf.get("model_type", "")).lower()
-    if "attention_bias" in hf:  # Llama-style flag: bias on q, k, v and o
-        out["add_qkv_bias"] = bool(hf["attention_bias"])
-    elif model_type.startswith("qwen2"):
-        out["add_qkv_bias"] = True
-    act = str(hf.get("hidden_act", "silu")).lower()
-    out["swiglu"] = act in ("silu", "swiglu", "swish")
-    if "layer_norm_eps" in hf and "rms_norm_eps" not in hf:
-        out["normalization"] = "LayerNorm"
-    return complete_fields(out)
+def shape_fields_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """ModelShape fields of an HF config.json dict, through the families' mapping (the same reading
+    the converter and the trainer use; an architecture they cannot train is refused here too)."""
+    from hpctrain.model.families import model_args
+
+    args = model_args(hf, where)
+    return {shape: args[name] for name, shape in _CFG_KEYS.items() if name in args} | {
+        "vocab_size": args["vocab_size"]}
 
 
 def complete_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -98,30 +75,15 @@ def complete_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def find_hf_config(model: str | None, load: str | None) -> Path | None:
-    """The config.json that describes the model: in cfg.model.model, else in cfg.model.load."""
-    for where in (model, load):
-        if not where:
-            continue
-        p = Path(where)
-        if p.is_file() and p.name.endswith(".json"):
-            return p
-        if p.is_dir() and (p / "config.json").is_file():
-            return p / "config.json"
-    return None
-
-
 def load_shape(model_cfg: Any) -> ModelShape:
     """ModelShape from cfg.model: the HF config.json it points at, then explicit field overrides."""
+    from hpctrain.checkpoint.locate import model_config_path, read_model_config
+
     fields: dict[str, Any] = {}
-    path = find_hf_config(getattr(model_cfg, "model", None), getattr(model_cfg, "load", None))
+    path = model_config_path(getattr(model_cfg, "model", None), getattr(model_cfg, "load", None))
     source = "explicit [model] fields"
     if path is not None:
-        try:
-            hf = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read the model's config.json {path}: {e}") from e
-        fields.update(shape_fields_from_hf(hf))
+        fields.update(shape_fields_from_hf(read_model_config(path), str(path)))
         source = str(path)
     for cfg_name, shape_name in _CFG_KEYS.items():
         value = getattr(model_cfg, cfg_name, None)

@@ -96,7 +96,9 @@ def _in_sample_positions(starts: torch.Tensor) -> torch.Tensor:
 class StepGraph:
     """Runs the step's schedule eagerly for ``warmup`` calls, then captures it once and replays it."""
 
-    def __init__(self, warmup: int, stream: torch.cuda.Stream):
+    def __init__(self, warmup: int, stream: torch.cuda.Stream, scope: str = "full_iteration"):
+        if scope != "full_iteration":  # config/validate.py admits only this one
+            raise ValueError(f"cuda_graph_scope {scope!r}: only 'full_iteration' is built")
         self.warmup, self.calls, self.stream = max(1, int(warmup)), 0, stream
         self.graph = None
         self.slots: list[_Slot] = []

@@ -12,6 +12,7 @@ The backend is gloo on CPU and nccl on GPU.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 import socket
@@ -62,13 +63,23 @@ def rank_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     return {k: d[k] for k in ("rank", "world_size", "local_rank", "master_addr", "master_port", "source")}
 
 
-def _option(cfg_or_kwargs: Any, section: str, name: str, default: Any) -> Any:
-    if cfg_or_kwargs is None:
-        return default
-    if isinstance(cfg_or_kwargs, Mapping):
-        return cfg_or_kwargs.get(name, default)
-    sec = getattr(cfg_or_kwargs, section, None)
-    return getattr(sec, name, default) if sec is not None else default
+def group_timeout(parallel: Any) -> datetime.timedelta:
+    """The timeout of every process group: ``ddp_timeout`` seconds when set (ms-swift's spelling), else
+    ``distributed_timeout_minutes`` (Megatron-LM's; 60 by default, as in the seed)."""
+    if parallel.ddp_timeout is not None:
+        return datetime.timedelta(seconds=parallel.ddp_timeout)
+    return datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
+
+
+def _options(cfg_or_kwargs: Any) -> tuple[str | None, str | None, datetime.timedelta]:
+    """(device, backend, timeout) from a JobConfig, or from a dict with optional keys device,
+    distributed_backend and distributed_timeout_minutes (the conversion tools' one-process groups)."""
+    if cfg_or_kwargs is None or isinstance(cfg_or_kwargs, Mapping):
+        kw = dict(cfg_or_kwargs or {})
+        return (kw.get("device"), kw.get("distributed_backend"),
+                datetime.timedelta(minutes=kw.get("distributed_timeout_minutes", 60)))
+    p = cfg_or_kwargs.parallel
+    return None, p.distributed_backend, group_timeout(p)
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -88,33 +99,30 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 def init_distributed(cfg_or_kwargs: Any = None) -> DistInfo:
     """Init torch.distributed (idempotent) and apply the compat layer for the chosen device.
 
-    ``cfg_or_kwargs`` is a JobConfig (reads parallel.distributed_backend, parallel.distributed_timeout_minutes)
+    ``cfg_or_kwargs`` is a JobConfig (reads parallel.distributed_backend and the timeout, see group_timeout)
     or a dict with optional keys device ("auto"|"cpu"|"cuda"), distributed_backend, distributed_timeout_minutes.
     """
     env = rank_env()
-    device_req = _option(cfg_or_kwargs, "train", "device", None) or \
-        os.environ.get("HPCTRAIN_DEVICE", "auto")
-    device = pick_device(device_req, env["local_rank"])
+    device_req, backend, timeout = _options(cfg_or_kwargs)
+    device = pick_device(device_req or os.environ.get("HPCTRAIN_DEVICE", "auto"), env["local_rank"])
     compat.apply(device.type)
-    backend = _option(cfg_or_kwargs, "parallel", "distributed_backend", None)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu" and backend != "gloo":
+    if device.type == "cpu" and backend != "gloo":  # refused at config time for `hpctrain sft/pt` (machine.py)
         raise ValueError(f"distributed_backend={backend!r} cannot run on CPU; use 'gloo'")
-    minutes = int(_option(cfg_or_kwargs, "parallel", "distributed_timeout_minutes", 10) or 10)
     if not tdist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env["master_addr"])
         os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
         tdist.init_process_group(
             backend=backend, rank=env["rank"], world_size=env["world_size"],
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-            timeout=datetime.timedelta(minutes=minutes))
+            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", timeout=timeout)
     return DistInfo(env["rank"], env["world_size"], env["local_rank"], device, env["source"])
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None,
-                        ep: int = 1, seed: int | None = 42, timeout_minutes: int = 10,
+                        ep: int = 1, seed: int | None = 42, timeout: datetime.timedelta = datetime.timedelta(hours=1),
                         data_parallel_random_init: bool = False) -> int:
-    """megatron-core parallel groups + seeds; returns the data-parallel size."""
+    """megatron-core parallel groups + seeds; returns the data-parallel size. Every group megatron-core
+    creates gets ``timeout`` (it takes whole minutes: rounded up)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -127,10 +135,20 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None =
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
-        expert_model_parallel_size=ep, distributed_timeout_minutes=timeout_minutes)
+        expert_model_parallel_size=ep, distributed_timeout_minutes=math.ceil(timeout.total_seconds() / 60))
+    _every_group_timeout(timeout)
     if seed is not None:
         set_seed(seed, data_parallel_random_init)
     return ps.get_data_parallel_world_size()
+
+
+def _every_group_timeout(timeout: datetime.timedelta) -> None:
+    """Give every process group of this rank ``timeout`` exactly: megatron-core 0.16 takes whole minutes
+    and creates EXPERT_DATA_PARALLEL_GROUP_GLOO with none (torch's 30-minute default)."""
+    c10d = tdist.distributed_c10d
+    for pg in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(pg):
+            c10d._set_pg_timeout(timeout, pg)
 
 
 def set_seed(seed: int, data_parallel_random_init: bool = False) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger("hpctrain.train")
 
 EXIT_NONFINITE = 3
+EXIT_CONFIG = 2  # cli.py's usage / config error code
 
 
 def run_sft(argv: list[str]) -> int:
@@ -44,7 +45,7 @@ def command_line(mode: str = "sft"):
 
     doc = {"sft": "supervised fine-tuning", "pt": "pretraining / continued pretraining"}[mode]
     return CommandLine(f"hpctrain {mode}", f"{doc} in this allocation (torchrun, srun or one process)",
-                       flags=[], mode=mode, all_keys=True)
+                       flags=[], mode=mode, all_keys=True, on_this_machine=True)
 
 
 def _run(argv: list[str], mode: str) -> int:
@@ -52,7 +53,7 @@ def _run(argv: list[str], mode: str) -> int:
     nproc = cfg.launch.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1") or 1)
     if nproc > 1 and not _under_launcher():
         return spawn_torchrun(cfg, argv, mode, nproc)
-    return train_from_config(cfg, mode)
+    return train_from_config(cfg)
 
 
 def spawn_torchrun(cfg, argv: list[str], mode: str, nproc: int) -> int:
@@ -97,22 +98,28 @@ def _setup_logging(cfg, rank: int) -> None:
                         datefmt="%H:%M:%S", force=True)
 
 
-def train_from_config(cfg, mode: str) -> int:
-    from hpctrain.train import dist, loop
+def train_from_config(cfg) -> int:
+    """Train as cfg says (cfg.train.mode: sft or pt, set by the subcommand); returns the exit code."""
+    from hpctrain.config import ConfigError
+    from hpctrain.train import dist, loop, model_source
     from hpctrain.train.step import NonFiniteError
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     _setup_logging(cfg, rank)
     code = 1
     try:
-        source, valid = build_data(cfg, mode)
-        result = loop.run(cfg, source, valid)
+        model = model_source.fill_model_fields(cfg)  # before the data: the tokenizer is checked against it
+        source, valid = build_data(cfg, cfg.train.mode, model)
+        result = loop.run(cfg, source, valid, model)
         code = result.exit_code
         if rank == 0:
             log.info("training finished at iteration %d; checkpoints in %s", result.iteration, result.save_dir)
     except NonFiniteError as e:
         log.error("%s", e)
         code = EXIT_NONFINITE
+    except ConfigError:  # found once the data / checkpoint are known (e.g. a changed LR schedule on resume)
+        code = EXIT_CONFIG  # the CLI prints the one line; torchrun's parent returns this code
+        raise
     finally:
         _write_status(rank, code)
         dist.destroy()
@@ -126,15 +133,18 @@ def _write_status(rank: int, code: int) -> None:
 
 
 def tokenizer_source(cfg) -> str:
-    """--model (HF dir or .gguf), else the --load checkpoint root (conversion copies the tokenizer there)."""
-    from hpctrain.train.model_setup import find_hf_config
+    """--model (HF dir or .gguf), else the --load checkpoint's run root (conversion and training
+    copy the tokenizer there; a save root resolves to its newest complete run)."""
+    from hpctrain.config.errors import ConfigError
+    from hpctrain.train.model_source import find_hf_config
 
     if cfg.model.model:
         return str(cfg.model.model)
     hf = find_hf_config(cfg)
     if hf is None:
-        raise ValueError("no tokenizer: pass --model HF_DIR, or --load a checkpoint converted by "
-                         "`hpctrain export` (it holds config.json + tokenizer files)")
+        raise ConfigError(f"no tokenizer: --load {cfg.model.load} holds no config.json + tokenizer files "
+                          "(a checkpoint converted by `hpctrain export` or saved by `hpctrain sft` does); "
+                          "pass --model HF_DIR for them")
     return str(hf.parent)
 
 
@@ -146,25 +156,30 @@ class LoaderSource:
         self.num_samples = len(dataset)
         self._it, self._next = None, None
 
-    def _loader(self, consumed: int, mbs: int):
+    def _loader(self, consumed: int, mbs: int, shuffle: bool):
         from megatron.core import parallel_state as ps
 
         from hpctrain.data import MicroBatchLoader
         return iter(MicroBatchLoader(self.dataset, mbs, ps.get_data_parallel_rank(),
                                      ps.get_data_parallel_world_size(), self.cfg.data.data_seed,
-                                     consumed_samples=consumed, pad_to_multiple=self.pad,
-                                     shuffle=self.cfg.data.train_dataloader_shuffle))
+                                     consumed_samples=consumed, pad_to_multiple=self.pad, shuffle=shuffle,
+                                     num_workers=self.cfg.data.num_workers))
+
+    def _shuffle(self) -> bool:
+        """dataloader_type cyclic (Megatron's random sampler): a new order every epoch, unless
+        train_dataloader_shuffle = false; single: the dataset's order."""
+        return self.cfg.train.dataloader_type == "cyclic" and self.cfg.data.train_dataloader_shuffle
 
     def __call__(self, consumed: int, n_micro: int, mbs: int):
         from megatron.core import parallel_state as ps
         if self._it is None or self._next != consumed:
-            self._it = self._loader(consumed, mbs)
+            self._it = self._loader(consumed, mbs, self._shuffle())
         out = [next(self._it) for _ in range(n_micro)]
         self._next = consumed + n_micro * mbs * ps.get_data_parallel_world_size()
         return out
 
     def valid(self, n_micro: int | None, mbs: int):
-        it = self._loader(0, mbs)
+        it = self._loader(0, mbs, False)  # the validation rows' order is data.val_dataset_shuffle's
         n = n_micro or max(1, self.num_samples // (mbs * _dp()))
         out = []
         for _ in range(n):
@@ -180,8 +195,9 @@ def _dp() -> int:
     return ps.get_data_parallel_world_size()
 
 
-def build_data(cfg, mode: str):
-    """(train source, valid source or None) from hpctrain.data."""
+def build_data(cfg, mode: str, model=None):
+    """(train source, valid source or None) from hpctrain.data; ``model`` (a ModelSource): refuse a
+    tokenizer with more tokens than the model has embedding rows."""
     try:
         from hpctrain.data import MicroBatchLoader, build_train_valid  # noqa: F401
     except ImportError as e:
@@ -192,6 +208,9 @@ def build_data(cfg, mode: str):
 
     src = tokenizer_source(cfg)
     tok = load_tokenizer(src)
+    if model is not None:
+        from hpctrain.train.model_source import check_tokenizer
+        check_tokenizer(tok, src, model, cfg)
     train_ds, valid_ds = build_train_valid(cfg, tok, mode=mode, tokenizer_source=src)
     pad = _pad_multiple(cfg)
     train = LoaderSource(train_ds, cfg, bool(cfg.data.packing), pad)

@@ -1,5 +1,10 @@
 """Rank-0 training logs: progress line, TensorBoard, logging.jsonl, the training-curves PNG, throughput and MFU.
 
+logging.jsonl gets every number of every iteration that is measured; the log_* switches decide what
+is measured (log_params_norm, log_throughput) and what goes to TensorBoard (lr, timers, memory,
+validation perplexity). Tags: train/{loss,lr,grad_norm,params_norm,tokens_per_s_per_gpu,tflops_per_gpu,
+mfu}, memory/mem_*, timers/{step,data,save}_s, val/{loss,ppl}.
+
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token (forward + backward):
 6 x non-embedding params + 6 x hidden x vocab (output layer) + 6 x layers x hidden x seq
 (attention scores and values, causal counted at half). The peak comes from HPCTRAIN_PEAK_TFLOPS
@@ -17,6 +22,7 @@ from pathlib import Path
 import torch
 
 from hpctrain.progress import Progress, format_duration
+from hpctrain.train import metrics
 
 log = logging.getLogger("hpctrain.train")
 
@@ -71,30 +77,48 @@ class TrainLogger:
             except ImportError:
                 log.warning("tensorboard not installed: no TensorBoard events (pip install tensorboard)")
 
-    def step(self, it: int, res, step_time: float, seq_len: int) -> None:
+    def step(self, it: int, res, step_time: float, seq_len: int, data_time: float = 0.0,
+             params_norm: float | None = None) -> None:
+        """One iteration: logging.jsonl always; TensorBoard and the console line as the log_* switches say."""
         if not self.is_main:
             return
-        tps = res.seq_tokens / max(step_time, 1e-9) / self.world
         # skipped: the optimizer did not update (fp16 loss-scale overflow); the LR schedule did not advance.
         rec = dict(iteration=it, loss=res.loss, lr=res.lr, grad_norm=res.grad_norm, tokens=res.tokens,
-                   skipped=not res.update_ok, tokens_per_s_per_gpu=tps, step_time_s=step_time,
+                   skipped=not res.update_ok, step_time_s=step_time, data_time_s=data_time,
                    elapsed_s=time.time() - self.start)
-        peak = peak_tflops()
-        if peak:
-            rec["mfu"] = tps * flops_per_token(self.cfg, seq_len) / (peak * 1e12)
-        if torch.cuda.is_available():
-            rec["mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if params_norm is not None:
+            rec["params_norm"] = params_norm
+        if self.cfg.log.log_throughput:
+            rec.update(metrics.throughput(res.seq_tokens, step_time, self.world, flops_per_token(self.cfg, seq_len),
+                                          peak_tflops()))
+        rec.update(metrics.memory_gib())
         self.history.append(rec)
         self._jsonl(rec)
-        self._tb(it, {"train/loss": res.loss, "train/lr": res.lr, "train/grad_norm": res.grad_norm,
-                      "train/tokens_per_s_per_gpu": tps, "train/mem_gib": rec.get("mem_gib"),
-                      "train/mfu": rec.get("mfu")})
+        self._tb(it, self._tb_scalars(rec))
         if self.progress is None:
             self.progress = Progress(self.total, "train", "iterations", initial=it - 1,
                                      enabled=not sys.stderr.isatty())
         self.progress.update(1)
         if it % max(self.cfg.log.log_interval, 1) == 0 or it == self.total:
             log.info(self._line(rec))
+
+    def _tb_scalars(self, r: dict) -> dict:
+        lg = self.cfg.log
+        out = {"train/loss": r["loss"], "train/grad_norm": r["grad_norm"], "train/params_norm": r.get("params_norm")}
+        if not lg.no_log_learning_rate_to_tensorboard:
+            out["train/lr"] = r["lr"]
+        if lg.log_throughput:
+            out.update({f"train/{k}": r.get(k) for k in ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu")})
+        if lg.log_memory_to_tensorboard:
+            out.update({f"memory/{k}": v for k, v in r.items() if k.startswith("mem_")})
+        if lg.log_timers_to_tensorboard:
+            out.update({"timers/step_s": r["step_time_s"], "timers/data_s": r["data_time_s"]})
+        return out
+
+    def timers(self, it: int, seconds: dict) -> None:
+        """Other timed phases (e.g. {"save": s}) to TensorBoard, when log_timers_to_tensorboard."""
+        if self.is_main and self.cfg.log.log_timers_to_tensorboard:
+            self._tb(it, {f"timers/{k}_s": v for k, v in seconds.items()}, every=True)
 
     def _line(self, r: dict) -> str:
         el = r["elapsed_s"]
@@ -103,11 +127,14 @@ class TrainLogger:
         gn = "n/a" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
         if r.get("skipped"):
             gn += " (step skipped: fp16 overflow)"
-        parts = [f"iter {r['iteration']}/{self.total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}",
-                 f"grad_norm {gn}", f"tokens/s/gpu {r['tokens_per_s_per_gpu']:.1f}",
-                 f"mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else "mfu n/a",
-                 f"mem {r['mem_gib']:.1f}GiB" if "mem_gib" in r else "mem n/a",
-                 f"elapsed {format_duration(el)}", f"eta {format_duration(eta)}"]
+        parts = [f"iter {r['iteration']}/{self.total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}", f"grad_norm {gn}"]
+        if "params_norm" in r:
+            parts.append(f"params_norm {r['params_norm']:.3f}")
+        if "tokens_per_s_per_gpu" in r:
+            parts += [f"tokens/s/gpu {r['tokens_per_s_per_gpu']:.1f}", f"TFLOP/s/gpu {r['tflops_per_gpu']:.1f}",
+                      f"mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else "mfu n/a"]
+        parts += [f"mem {r['mem_gib']:.1f}GiB" if "mem_gib" in r else "mem n/a",
+                  f"elapsed {format_duration(el)}", f"eta {format_duration(eta)}"]
         return " | ".join(parts)
 
     def eval(self, it: int, loss: float) -> None:
@@ -117,7 +144,10 @@ class TrainLogger:
         ppl = math.exp(min(loss, 50.0))
         rec = dict(iteration=it, val_loss=loss, val_ppl=ppl)
         self._jsonl(rec)
-        self._tb(it, {"val/loss": loss, "val/ppl": ppl})
+        scalars = {"val/loss": loss}
+        if self.cfg.log.log_validation_ppl_to_tensorboard:
+            scalars["val/ppl"] = ppl
+        self._tb(it, scalars, every=True)
         log.info("validation at iter %d | loss %.4f | ppl %.3f", it, loss, ppl)
 
     def _jsonl(self, rec: dict) -> None:
@@ -125,8 +155,9 @@ class TrainLogger:
             with open(self.out / "logging.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def _tb(self, it: int, scalars: dict) -> None:
-        if self.tb is None or it % max(self.cfg.log.tensorboard_log_interval, 1):
+    def _tb(self, it: int, scalars: dict, every: bool = False) -> None:
+        """Write at iterations that are multiples of tensorboard_log_interval (``every``: always)."""
+        if self.tb is None or (not every and it % max(self.cfg.log.tensorboard_log_interval, 1)):
             return
         for k, v in scalars.items():
             if v is not None:

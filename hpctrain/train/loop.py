@@ -22,9 +22,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as tdist
 
-from hpctrain.checkpoint import layout
-from hpctrain.checkpoint.io import TrainProgress, load_checkpoint, save_checkpoint
-from hpctrain.train import cuda_graph, dist, model_setup, optim, step
+from hpctrain.checkpoint import formats, layout
+from hpctrain.checkpoint.io import TrainProgress
+from hpctrain.train import cuda_graph, dist, hf_init, metrics, model_setup, model_source, optim, step
 from hpctrain.train.logger import TrainLogger
 from hpctrain.train.profiling import StepProfiler
 from hpctrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
@@ -54,12 +54,17 @@ def _microbatches_per_step(cfg, dp: int) -> int:
 
 
 def total_iters(cfg, source) -> int:
+    """train_iters, or the iterations of max_epochs over the dataset, whichever ends training first."""
     t = cfg.train
-    if t.train_iters:
-        return t.train_iters
     n = getattr(source, "num_samples", None)
-    if t.max_epochs and n:
-        return max(1, math.ceil(t.max_epochs * n / t.global_batch_size))
+    by_epochs = max(1, math.ceil(t.max_epochs * n / t.global_batch_size)) if t.max_epochs and n else None
+    if t.train_iters and by_epochs and by_epochs < t.train_iters:
+        log.info("max_epochs = %d ends training at iteration %d (%d samples, global batch %d), before "
+                 "train_iters = %d; the LR schedule stays that of train_iters", t.max_epochs, by_epochs, n,
+                 t.global_batch_size, t.train_iters)
+        return by_epochs
+    if t.train_iters or by_epochs:
+        return t.train_iters or by_epochs
     raise ValueError("set train_iters, or max_epochs with a dataset of known size")
 
 
@@ -69,8 +74,9 @@ def _broadcast_str(s: str | None) -> str | None:
     return obj[0]
 
 
-def prepare_save_dir(cfg) -> str | None:
-    """<save>/v<N>-<timestamp> (add_version) made by rank 0; args.json + HF config/tokenizer copied in."""
+def prepare_save_dir(cfg, hf_files: Path | None = None) -> str | None:
+    """<save>/v<N>-<timestamp> (add_version) made by rank 0; args.json + HF config/tokenizer copied in
+    (from ``hf_files`` when given: the conversion of --model's weights holds both)."""
     save = cfg.checkpoint.save
     if not save:
         return None
@@ -79,7 +85,7 @@ def prepare_save_dir(cfg) -> str | None:
         root = str(layout.new_version_dir(save)) if cfg.checkpoint.add_version else save
         Path(root).mkdir(parents=True, exist_ok=True)
         _write_args(cfg, Path(root))
-        _copy_hf_files(cfg, Path(root))
+        _copy_hf_files(cfg, Path(root), hf_files)
     return _broadcast_str(root)
 
 
@@ -94,14 +100,19 @@ def _write_args(cfg, root: Path) -> None:
     layout.write_atomic(root / "args.json", json.dumps(data, indent=2, default=str))
 
 
-def _copy_hf_files(cfg, root: Path) -> None:
-    src = model_setup.find_hf_config(cfg)
+def _copy_hf_files(cfg, root: Path, hf_files: Path | None) -> None:
+    src = hf_files or (p.parent if (p := model_source.find_hf_config(cfg)) else None)
     if src is None:
         return
     for name in HF_FILES:
-        f = src.parent / name
+        f = src / name
         if f.is_file() and not (root / name).exists():
             shutil.copy2(f, root / name)
+    if (root / "config.json").is_file():  # the run's weights are in the dtype it trains in
+        from hpctrain.model.families import read_config_json, with_dtype
+
+        hf = with_dtype(read_config_json(root / "config.json"), cfg.model.torch_dtype or "float32")
+        layout.write_atomic(root / "config.json", json.dumps(hf, indent=2, sort_keys=True))
 
 
 def setup(cfg, info) -> tuple[list, Any, Any]:
@@ -156,31 +167,31 @@ def _pad_multiple(cfg) -> int:
     return m * (2 * p.context_parallel_size if p.context_parallel_size > 1 else 1)
 
 
-def run(cfg, source: Callable, valid: Callable | None = None) -> RunResult:
-    """Train; returns exit code 0 (done) or REQUEUE_EXIT_CODE (stopped on a signal after saving)."""
+def run(cfg, source: Callable, valid: Callable | None = None,
+        model: model_source.ModelSource | None = None) -> RunResult:
+    """Train; returns exit code 0 (done) or REQUEUE_EXIT_CODE (stopped on a signal after saving).
+    ``model``: what ``model_source.fill_model_fields(cfg)`` returned, when the caller already ran it."""
     info = dist.init_distributed(cfg)
     p = cfg.parallel
     dp = dist.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   p.context_parallel_size, p.virtual_pipeline_model_parallel_size,
-                                  seed=cfg.train.seed)
+                                  seed=cfg.train.seed, timeout=dist.group_timeout(p))
     if cfg.train.deterministic_mode:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    model_setup.fill_model_fields(cfg)
+    model = model or model_source.fill_model_fields(cfg)
     n_micro = _microbatches_per_step(cfg, dp)
     iters = total_iters(cfg, source)
     # Before the model exists: the CUDA-graph stream must be current when DDP's hooks are made.
-    graph = cuda_graph.StepGraph(cfg.train.cuda_graph_warmup_steps, cuda_graph.start(info.device)) \
-        if cuda_graph.enabled(cfg) else None
+    graph = cuda_graph.StepGraph(cfg.train.cuda_graph_warmup_steps, cuda_graph.start(info.device),
+                                 cfg.train.cuda_graph_scope) if cuda_graph.enabled(cfg) else None
     chunks, opt, tcfg = setup(cfg, info)
-    sched = optim.build_scheduler(cfg, opt, iters)
-    progress = TrainProgress()
-    ck = cfg.checkpoint
-    if cfg.model.load:
-        progress = load_checkpoint(cfg.model.load, chunks, opt, sched, finetune=cfg.model.finetune,
-                                   load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
-                                   exit_on_missing=ck.exit_on_missing_checkpoint) or TrainProgress()
-    save_dir = prepare_save_dir(cfg)
+    sched = optim.build_scheduler(cfg, opt, cfg.train.train_iters or iters)
+    progress, scratch = _start_weights(cfg, model, chunks, opt, sched)
+    try:
+        save_dir = prepare_save_dir(cfg, scratch)
+    finally:
+        hf_init.cleanup(scratch)
     logger = TrainLogger(cfg, save_dir, info.world_size, info.is_main, iters)
     try:
         return _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters,
@@ -189,6 +200,15 @@ def run(cfg, source: Callable, valid: Callable | None = None) -> RunResult:
         logger.close()
         if cfg.train.manual_gc:
             gc.enable()
+
+
+def _start_weights(cfg, model, chunks, opt, sched) -> tuple[TrainProgress, Path | None]:
+    """(progress, scratch dir of an HF conversion or None): load --load, or --model's HF weights."""
+    if model.weights == "checkpoint":  # either format: checkpoint/formats.py
+        return formats.load(cfg, cfg.model.load, chunks, opt, sched) or TrainProgress(), None
+    if model.weights == "hf":
+        return TrainProgress(), hf_init.load_hf_weights(cfg, chunks, opt, sched)
+    return TrainProgress(), None
 
 
 def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters, save_dir, logger, graph=None):
@@ -208,24 +228,28 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
             return
         if t.manual_gc:
             gc.collect()
-        last_ckpt = str(save_checkpoint(save_dir, progress, chunks, opt, sched,
-                                        save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng))
+        t0 = time.time()
+        last_ckpt = str(formats.save(cfg, save_dir, progress, chunks, opt, sched))
         saved_at = progress.iteration
+        logger.timers(progress.iteration, {"save": time.time() - t0})
         if info.is_main:
             log.info("saved checkpoint %s", last_ckpt)
 
     try:
         while progress.iteration < iters:
+            t_data = time.time()
             mbs = source(progress.consumed_train_samples, n_micro, t.micro_batch_size)
             prof.before(progress.iteration + 1)
             t0 = time.time()
             res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len,
                                   row_len, graph)
+            step_time = time.time() - t0
             progress.iteration += 1
             prof.after(progress.iteration)
             progress.consumed_train_samples += t.global_batch_size
             losses.append(res.loss)
-            logger.step(progress.iteration, res, time.time() - t0, mbs[0]["input_ids"].shape[1])
+            norm = metrics.params_norm(chunks) if cfg.log.log_params_norm else None  # every rank: collective
+            logger.step(progress.iteration, res, step_time, mbs[0]["input_ids"].shape[1], t0 - t_data, norm)
             if t.manual_gc and t.manual_gc_interval and progress.iteration % t.manual_gc_interval == 0:
                 gc.collect()
             if valid is not None and eval_every and progress.iteration % eval_every == 0:

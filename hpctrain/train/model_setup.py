@@ -1,86 +1,19 @@
 """Build megatron-core's GPTModel for training from a JobConfig, under the current parallel state.
 
-The architecture comes from cfg.model (filled from the HF config.json next to the model / the
-checkpoint when the user left a field unset); the training-side switches (parallelism, recompute,
-fusions, precision) from the other sections. The layer spec comes from
+The architecture comes from cfg.model (filled from the HF config.json by
+``hpctrain.train.model_source.fill_model_fields``: the families' one mapping); the training-side
+switches (parallelism, recompute, fusions, precision) from the other sections. The layer spec comes from
 ``hpctrain.model.build.select_layer_spec`` (Transformer Engine's when installed and chosen, else
 hpctrain's portable spec); ``cross_entropy_loss_fusion`` installs the chunked output layer + loss.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-
-# HF config.json key -> cfg.model field (only used to fill fields the user left unset).
-_HF_KEYS = {
-    "num_hidden_layers": "num_layers", "hidden_size": "hidden_size",
-    "intermediate_size": "ffn_hidden_size", "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_query_groups", "max_position_embeddings": "max_position_embeddings",
-    "rope_theta": "rotary_base", "rms_norm_eps": "norm_epsilon", "vocab_size": "padded_vocab_size",
-    "head_dim": "kv_channels", "rope_scaling": "rope_scaling",
-}
-_FALLBACK = {"position_embedding_type": "rope", "rotary_base": 10000.0, "rotary_percent": 1.0,
-             "normalization": "RMSNorm", "norm_epsilon": 1e-5, "swiglu": True, "disable_bias_linear": True,
-             "attention_dropout": 0.0, "hidden_dropout": 0.0, "qk_layernorm": False}
-
-
-def find_hf_config(cfg) -> Path | None:
-    """config.json of the model: next to cfg.model.model, or in the root of cfg.model.load."""
-    for base in (cfg.model.model, cfg.model.load):
-        if not base:
-            continue
-        p = Path(base)
-        p = p if p.is_dir() else p.parent
-        for cand in (p / "config.json", p.parent / "config.json"):
-            if cand.is_file():
-                return cand
-    return None
-
-
-def fill_model_fields(cfg) -> dict:
-    """Fill unset cfg.model shape fields from config.json; returns the HF config (or {})."""
-    path = find_hf_config(cfg)
-    hf: dict[str, Any] = json.loads(path.read_text()) if path else {}
-    m = cfg.model
-    if m.padded_vocab_size is None and m.load:
-        m.padded_vocab_size = _checkpoint_vocab(m.load)
-    for hk, field in _HF_KEYS.items():
-        if getattr(m, field, None) is None and hf.get(hk) is not None:
-            setattr(m, field, hf[hk])
-    if m.untie_embeddings_and_output_weights is None:
-        m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
-    if m.add_qkv_bias is None:
-        m.add_qkv_bias = hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False))
-    if m.torch_dtype is None and hf.get("torch_dtype"):
-        m.torch_dtype = hf["torch_dtype"]
-    for field, value in _FALLBACK.items():
-        if getattr(m, field, None) is None:
-            setattr(m, field, value)
-    missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
-               if getattr(m, f, None) is None]
-    if missing:
-        raise ValueError(f"model shape unknown: {', '.join(missing)} unset and no config.json found next to "
-                         f"--model ({m.model}) or --load ({m.load}); pass --model HF_DIR or set them")
-    return hf
-
-
-def _checkpoint_vocab(load: str) -> int | None:
-    """Padded vocab of the embedding stored in the checkpoint (conversion pads it for TP)."""
-    try:
-        from hpctrain.checkpoint import layout
-        from hpctrain.checkpoint.convert_dcp import DcpReader
-        ref = layout.find_latest(load)
-        return int(DcpReader(ref.path).shape("embedding.word_embeddings.weight")[0]) if ref else None
-    except (ImportError, KeyError, OSError, ValueError) as e:
-        log.debug("vocab size from %s unavailable: %s", load, e)
-        return None
 
 
 def params_dtype(cfg) -> torch.dtype:
@@ -117,13 +50,18 @@ def _have(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
+def _no_init(weight) -> None:
+    """no_initialization: leave the weight as allocated (the checkpoint loaded next overwrites it)."""
+
+
 def transformer_config(cfg, device_type: str):
     """megatron-core TransformerConfig for this job."""
     from megatron.core.transformer import TransformerConfig
 
     m, p, t, pr = cfg.model, cfg.parallel, cfg.train, cfg.precision
     heads = m.num_attention_heads
-    groups = m.num_query_groups if m.num_query_groups else heads
+    # group_query_attention = false: one KV head per query head (Megatron-LM ignores num_query_groups then)
+    groups = m.num_query_groups if m.num_query_groups and m.group_query_attention is not False else heads
     dtype = params_dtype(cfg)
     kw = dict(
         num_layers=m.num_layers, hidden_size=m.hidden_size,
@@ -141,7 +79,7 @@ def transformer_config(cfg, device_type: str):
         num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
         recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers,
-        deterministic_mode=t.deterministic_mode, calculate_per_token_loss=True,
+        deterministic_mode=t.deterministic_mode, calculate_per_token_loss=t.calculate_per_token_loss,
         # megatron's own fused CE only for the TE implementation; 'native' is hpctrain's chunked
         # output layer + CE, installed on the model in build_model_chunks.
         cross_entropy_loss_fusion=bool(t.cross_entropy_loss_fusion and t.cross_entropy_fusion_impl == "te"),
@@ -152,14 +90,17 @@ def transformer_config(cfg, device_type: str):
         use_cpu_initialization=bool(m.use_cpu_initialization) or device_type == "cpu",
         perform_initialization=True,
     )
+    if m.no_initialization and m.load:
+        # The weights come from --load: skip the random init. Not with perform_initialization=False:
+        # megatron-core 0.16 then never tags the TP-split weights (tensor_model_parallel), and the grad
+        # and parameter norms at TP > 1 count only TP rank 0's shards. A no-op init keeps the tags.
+        kw.update(init_method=_no_init, output_layer_init_method=_no_init, embedding_init_method=_no_init)
     if t.recompute_granularity == "selective":
         # "mlp_act" is hpctrain's (the portable MLP reads it from the layer spec), not megatron-core's.
         kw["recompute_modules"] = [m for m in t.recompute_modules if m != "mlp_act"]
     if t.recompute_granularity == "full" and t.recompute_method is None:
         kw["recompute_method"] = "uniform"
         kw["recompute_num_layers"] = t.recompute_num_layers or 1
-    if p.tp_comm_overlap:
-        raise ValueError("tp_comm_overlap needs Transformer Engine userbuffers; set tp_comm_overlap=false")
     kw["transformer_impl"] = m.transformer_impl or ("transformer_engine" if _have("transformer_engine") else "local")
     if kw["transformer_impl"] == "transformer_engine":
         from megatron.core.transformer.enums import AttnBackend
@@ -202,20 +143,24 @@ def build_model_chunks(cfg, tcfg) -> list:
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    from hpctrain.model.mcore_config import gpt_model_kwargs
+
     m = cfg.model
     spec = layer_spec(cfg, tcfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
+    model_kw = gpt_model_kwargs(dict(
+        padded_vocab_size=m.padded_vocab_size,
+        max_position_embeddings=m.max_position_embeddings or cfg.data.seq_length or 4096,
+        position_embedding_type=m.position_embedding_type, rotary_percent=m.rotary_percent,
+        rotary_base=m.rotary_base, rope_scaling=m.rope_scaling,
+        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights))
     chunks = []
     for v in range(vpp):
         kw = dict(vp_stage=v) if vpp > 1 else {}
         chunks.append(GPTModel(
-            config=tcfg, transformer_layer_spec=spec, vocab_size=m.padded_vocab_size,
-            max_sequence_length=m.max_position_embeddings or cfg.data.seq_length or 4096,
+            config=tcfg, transformer_layer_spec=spec,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, **kw),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw),
-            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-            position_embedding_type=m.position_embedding_type, rotary_percent=m.rotary_percent,
-            rotary_base=int(m.rotary_base), **_rope_scaling(m), **kw))
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw), **model_kw, **kw))
     if cfg.train.cross_entropy_loss_fusion and cfg.train.cross_entropy_fusion_impl == "native":
         _chunked_cross_entropy(chunks, m.padded_vocab_size // cfg.parallel.tensor_model_parallel_size)
     return chunks
@@ -232,17 +177,6 @@ def _chunked_cross_entropy(chunks: list, vocab_per_rank: int) -> None:
         if c.post_process:
             enable_chunked_cross_entropy(c, tokens)
     log.info("cross_entropy_loss_fusion: chunked output layer + cross entropy (%d tokens per chunk)", tokens)
-
-
-def _rope_scaling(m) -> dict:
-    rs = m.rope_scaling
-    if not rs:
-        return {}
-    kind = rs.get("rope_type") or rs.get("type")
-    if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported by megatron-core's GPTModel "
-                         "(supported: llama3)")
-    return dict(rope_scaling=True, rope_scaling_factor=float(rs.get("factor", 8.0)))
 
 
 def wrap_ddp(cfg, tcfg, chunks: list) -> list:

@@ -1,7 +1,8 @@
 """Optimizer (megatron-core's, incl. the distributed optimizer and fp16 loss scaling) and the
-LR / weight-decay schedule (megatron-core's OptimizerParamScheduler)."""
+LR / weight-decay schedule (megatron-core's OptimizerParamScheduler, with Megatron-LM's resume rules)."""
 from __future__ import annotations
 
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -11,9 +12,6 @@ def build_optimizer(cfg, model_chunks: list):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     o, pr, t = cfg.optim, cfg.precision, cfg.train
-    if o.optimizer_cpu_offload:
-        raise ValueError("optimizer_cpu_offload needs megatron-core's hybrid optimizer on CUDA; "
-                         "set optimizer_cpu_offload=false")
     if o.optimizer == "sgd" and cfg.parallel.use_distributed_optimizer and not _have_apex_or_te():
         raise ValueError("optimizer='sgd' with use_distributed_optimizer=true needs apex or Transformer Engine "
                          "(megatron-core 0.16.1 reads Adam's 'step' from the state); set "
@@ -60,55 +58,64 @@ def learning_rate(cfg) -> float:
     return cfg.train.lr if cfg.train.lr is not None else 1e-5
 
 
-def warmup_iters(cfg, decay_iters: int) -> int:
-    t = cfg.train
-    if t.lr_warmup_fraction is not None:
-        if t.lr_warmup_iters:
-            raise ValueError("set only one of lr_warmup_iters and lr_warmup_fraction")
-        return int(t.lr_warmup_fraction * decay_iters)
-    return t.lr_warmup_iters
-
-
 def build_scheduler(cfg, optimizer, train_iters: int):
-    """Steps are counted in iterations (Megatron-LM counts samples; the schedule is the same).
+    """megatron-core's OptimizerParamScheduler with Megatron-LM's arguments.
 
-    Iteration ``i`` (1-based) trains with ``schedule(i)``: the warmup reaches ``lr`` at iteration
-    ``lr_warmup_iters`` and the decay reaches ``min_lr`` at ``lr_decay_iters``. megatron-core's
-    scheduler alone applies ``schedule(num_steps)`` with num_steps = iterations done, so the first
-    iteration of a warmup would train with lr 0 (Megatron-LM does that too, and logs the lr of the
-    NEXT iteration, so its log shows a non-zero lr at iteration 1); see _NextStepScheduler.
+    Megatron-LM counts the schedule in samples (every count times global_batch_size) and steps it by the
+    global batch size; the lr depends only on ratios of those counts, so counting iterations gives the same
+    lr at every iteration. As in Megatron-LM, iteration i trains with the lr of i-1 scheduler steps:
+    with a warmup the first iteration trains at lr 0 (lr_warmup_init), without one at the peak lr.
     """
+    from hpctrain.config.validate import lr_warmup
+
     t = cfg.train
     decay = t.lr_decay_iters or train_iters
-    lr = learning_rate(cfg)
-    if t.min_lr > lr:
-        raise ValueError(f"min_lr ({t.min_lr}) must be <= lr ({lr})")
-    warmup = warmup_iters(cfg, decay)
-    if warmup >= decay:  # megatron-core asserts warmup < decay
-        log.warning("lr warmup (%d iterations) is not shorter than the decay (%d): decaying over %d iterations "
-                    "instead (the LR never leaves warmup in this run)", warmup, decay, warmup + 1)
-        decay = warmup + 1
-    return _scheduler_class()(
-        optimizer, init_lr=0.0, max_lr=lr, min_lr=t.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=max(decay, 1),
-        lr_decay_style=t.lr_decay_style, start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
-        wd_incr_steps=max(train_iters, 1), wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False)
+    # checked by the config already, unless train_iters comes from max_epochs
+    warmup = lr_warmup(t.lr_warmup_iters, t.lr_warmup_fraction, decay)
+    return _schedule_class()(
+        optimizer, init_lr=0.0, max_lr=learning_rate(cfg), min_lr=t.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=decay, lr_decay_style=t.lr_decay_style, start_wd=cfg.optim.weight_decay,
+        end_wd=cfg.optim.weight_decay, wd_incr_steps=max(train_iters, 1), wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=t.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=t.override_opt_param_scheduler,
+        wsd_decay_steps=t.lr_wsd_decay_iters, lr_wsd_decay_style=t.lr_wsd_decay_style)
 
 
-def _scheduler_class():
+# The values a checkpoint's scheduler state holds, and what they are called for the user.
+_SCHEDULE_KEYS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "warmup iterations",
+                  "lr_decay_steps": "lr_decay_iters", "lr_decay_style": "lr_decay_style",
+                  "start_wd": "weight_decay", "end_wd": "weight_decay (end)",
+                  "wd_incr_steps": "train_iters (weight-decay schedule)", "wd_incr_style": "weight-decay style"}
+
+
+@functools.cache
+def _schedule_class():
+    """megatron-core's scheduler; on resume it also says which schedule is in force, and a changed schedule
+    without override_opt_param_scheduler / use_checkpoint_opt_param_scheduler is a one-line error
+    (megatron-core would stop with an AssertionError; it never continues silently at the old schedule).
+    Made on first use: importing megatron-core costs seconds."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    class _NextStepScheduler(OptimizerParamScheduler):
-        """megatron-core's scheduler, but the lr it sets is the one of the iteration about to run
-        (num_steps + 1). Its state (num_steps = iterations done) is megatron-core's, so checkpoints
-        keep their meaning and a resumed run continues the same schedule."""
+    class Schedule(OptimizerParamScheduler):
+        def load_state_dict(self, state_dict: dict) -> None:
+            changed = _changes(self.state_dict(), state_dict)
+            if changed and not (self.override_opt_param_scheduler or self.use_checkpoint_opt_param_scheduler):
+                from hpctrain.config import ConfigError
+                raise ConfigError(f"the checkpoint's LR schedule differs from this run's ({changed}, checkpoint -> "
+                                  "now): pass --override_opt_param_scheduler true to use this run's, or "
+                                  "--use_checkpoint_opt_param_scheduler true to keep the checkpoint's")
+            super().load_state_dict(state_dict)
+            which = ("unchanged" if not changed else "this run's (override_opt_param_scheduler)"
+                     if self.override_opt_param_scheduler else "the checkpoint's (use_checkpoint_opt_param_scheduler)")
+            log.info("LR schedule on resume: %s%s; at step %d: lr %.4g (peak %.4g, min %.4g, warmup %g, %s decay "
+                     "over %g iterations)", which, f" [{changed}]" if changed else "", self.num_steps,
+                     self.optimizer.param_groups[0]["lr"], self.max_lr, self.min_lr, self.lr_warmup_steps,
+                     self.lr_decay_style, self.lr_decay_steps)
 
-        def get_lr(self, param_group: dict) -> float:
-            self.num_steps += 1
-            try:
-                return super().get_lr(param_group)
-            finally:
-                self.num_steps -= 1
+    return Schedule
 
-    return _NextStepScheduler
+
+def _changes(mine: dict, saved: dict) -> str:
+    """'lr_decay_iters 10 -> 20, ...' for the schedule values that differ (checkpoint -> this run)."""
+    return ", ".join(f"{name} {saved[k]!r} -> {mine[k]!r}" for k, name in _SCHEDULE_KEYS.items()
+                     if k in saved and saved[k] != mine[k])

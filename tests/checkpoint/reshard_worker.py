@@ -16,7 +16,8 @@ def main() -> int:
     from megatron.core import parallel_state as ps
 
     from hpctrain.checkpoint import layout
-    from hpctrain.model.build import build_gpt_model, model_args_from_checkpoint
+    from hpctrain.checkpoint.locate import model_args_from_checkpoint
+    from hpctrain.model.build import build_gpt_model
     from hpctrain.train import dist
 
     dist.init_distributed({"device": "cpu"})

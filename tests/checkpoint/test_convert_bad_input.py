@@ -50,7 +50,7 @@ def test_wrong_architecture(tiny_models, tmp_path, capsys):
     cfg = json.loads((d / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
     (d / "config.json").write_text(json.dumps(cfg))
-    assert to_mcore(d, tmp_path / "out") == 1
+    assert to_mcore(d, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "unsupported architecture" in err and "LlamaForCausalLM" in err and "Qwen2ForCausalLM" in err
 
@@ -61,8 +61,9 @@ def test_unsupported_rope_scaling(tiny_models, tmp_path, capsys):
     cfg.pop("rope_parameters", None)
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     (d / "config.json").write_text(json.dumps(cfg))
-    assert to_mcore(d, tmp_path / "out") == 1
-    assert "'yarn' is not supported" in capsys.readouterr().err
+    assert to_mcore(d, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "rope_scaling.rope_type = 'yarn' is not supported" in err and str(d / "config.json") in err
 
 
 def test_tp_must_divide_heads(tiny_models):

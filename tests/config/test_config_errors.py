@@ -96,15 +96,40 @@ def test_bad_choice_lists_choices():
     (["--lr", "1e-5", "--min_lr", "1e-4"], "larger than train.lr"),
     (["--virtual_pipeline_model_parallel_size", "2"], "needs pipeline_model_parallel_size > 1"),
     (["--overlap_param_gather", "true"], "overlap_grad_reduce"),
-    (["--streaming", "true"], "needs train.train_iters"),
     (["--micro_batch_size", "0"], "must be >= 1"),
     (["--model_name", "a", "b", "c"], "one or two values"),
     (["--time", "4 hours"], "not a Slurm time"),
-    (["--to_hf", "true"], "needs --mcore_model"),
-    (["--to_mcore", "true", "--to_hf", "true", "--model", "m"], "both true"),
+    (["--lr_warmup_iters", "10", "--train_iters", "10"], "must end before the decay"),
+    (["--lr_decay_style", "WSD", "--train_iters", "10"], "needs train.lr_wsd_decay_iters"),
+    (["--override_opt_param_scheduler", "--use_checkpoint_opt_param_scheduler"], "not both"),
+    (["--ckpt_format", "torch"], "set no_save_optim = true and no_save_rng = true"),
+    (["--group_query_attention", "false", "--num_query_groups", "2", "--num_attention_heads", "4"],
+     "one KV head per query head"),
+    (["--dataset", "swift/self-cognition#500"], "rows need model_name: pass --model_name"),
+    (["--dataset", "data/self_cognition.jsonl", "--model_name", "bot"], "rows need model_author"),
 ])
 def test_contradictions_refused_with_reason(argv, needle):
     assert needle in err(argv)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--to_hf", "true"], "needs --mcore_model"),
+    (["--to_mcore", "true", "--to_hf", "true", "--model", "m"], "both true"),
+])
+def test_export_contradictions(argv, needle):
+    assert needle in err(argv, mode="export")
+
+
+@pytest.mark.parametrize("mode", ["sft", "pt"])
+def test_export_keys_refused_by_training_commands(mode):
+    msg = err(["--output_dir", "out"], mode=mode)
+    assert "export.output_dir = 'out' is an option of `hpctrain export`" in msg and "--save" in msg
+    assert "to_hf" in err(["--to_hf", "true"], mode=mode)
+
+
+def test_subcommand_sets_the_mode(tmp_path):
+    assert load_config(None, ["--train.mode", "pt"], mode="pt", environ={}).train.mode == "pt"
+    assert "the command is `hpctrain sft`" in err(["--train.mode", "pt"], mode="sft")
 
 
 def test_nproc_more_than_visible_gpus():
@@ -115,10 +140,21 @@ def test_nproc_more_than_visible_gpus():
 
 
 @pytest.mark.parametrize("argv", [["--num_experts", "8"], ["--train_type", "lora"], ["--fp8_format", "e4m3"],
-                                  ["--wandb_project", "x"], ["--use_precision_aware_optimizer", "true"]])
-def test_unsupported_features_refused(argv):
+                                  ["--wandb_project", "x"], ["--use_precision_aware_optimizer", "true"],
+                                  ["--rlhf_type", "dpo"], ["--train_type", "full"], ["--streaming", "false"]])
+def test_unsupported_features_refused_whatever_the_value(argv):
+    """Setting a key of a feature that is not built is refused, even to its default (rlhf_type's only
+    choice "dpo", train_type "full", streaming false)."""
     msg = err(argv)
-    assert "not supported in this version" in msg and argv[0].lstrip("-") in msg
+    assert msg.startswith(f"command-line flag {argv[0]}:") and "is not supported yet" in msg, msg
+    assert argv[0].lstrip("-") in msg
+
+
+def test_unsupported_key_in_a_file_names_file_and_line(tmp_path):
+    p = tmp_path / "job.toml"
+    p.write_text('[train]\nlr = 1e-5\n\n[rlhf]\nrlhf_type = "dpo"\n')
+    msg = err(path=p)
+    assert msg.startswith(f"{p}:5: key 'rlhf.rlhf_type': rlhf.rlhf_type is not supported yet: [rlhf] is not built")
 
 
 def test_positional_and_value_errors():

@@ -67,13 +67,10 @@ def test_derived_defaults():
                              "--train_iters", "50", "--save_interval", "25"], environ={})
     assert cfg.checkpoint.save == "megatron_output/Qwen2.5-0.5B-Instruct"
     assert cfg.train.lr == 1e-5 and cfg.train.lr_decay_iters == 50 and cfg.eval.eval_interval == 25
-    assert (cfg.precision.fp16, cfg.precision.bf16, cfg.precision.apply_query_key_layer_scaling) == (True, False, True)
+    # apply_query_key_layer_scaling is not derived from fp16 (Megatron-SWIFT's rule): no attention here applies it
+    assert (cfg.precision.fp16, cfg.precision.bf16, cfg.precision.apply_query_key_layer_scaling) == (True, False, None)
     cfg = load_config(None, ["--bf16", "true"], environ={})
     assert (cfg.precision.fp16, cfg.precision.bf16) == (False, True) and cfg.checkpoint.save is None
-    cfg = load_config(None, ["--streaming", "true", "--train_iters", "10"], environ={})
-    assert cfg.train.dataloader_type == "external" and cfg.data.num_workers == 1
-    cfg = load_config(None, ["--streaming", "true", "--train_iters", "10", "--num_workers", "3"], environ={})
-    assert cfg.data.num_workers == 3  # explicitly set: kept
 
 
 def full_config() -> JobConfig:
@@ -120,3 +117,15 @@ def test_config_help_exits_zero(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: hpctrain pt") and "[train] mode, micro_batch_size" in out
+
+
+def test_dumps_leave_out_keys_of_features_that_are_not_built(tmp_path):
+    """args.json / config.toml never claim a setting that did not run (rlhf_type "dpo", streaming ...)."""
+    cfg = full_config()
+    dump_json(cfg, tmp_path / "args.json")
+    dump_toml(cfg, tmp_path / "config.toml")
+    doc = json.loads((tmp_path / "args.json").read_text())
+    assert doc["rlhf"] == {} and "rlhf_type" not in (tmp_path / "config.toml").read_text()
+    assert "streaming" not in doc["data"] and "padding_free" not in doc["data"] and "num_workers" in doc["data"]
+    assert not [k for k in doc["tuner"] if k in ("train_type", "lora_rank")]
+    assert load_config(tmp_path / "args.json", environ={}) == cfg  # and it reloads without a refusal

@@ -1,10 +1,16 @@
 """The seed's quickstart flags parse verbatim, the same settings from TOML give an equal config, and
 the DESIGN.md example loads as written."""
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
+from schema_walk import field_of, verdict
 
-from hpctrain.config import JobConfig, load_config
+from hpctrain.config import FIELD_SECTION, JobConfig, load_config
+from hpctrain.config.fields import field_default
+from hpctrain.config.reference import MARKER
+from hpctrain.config.spellings import SPELLINGS
 
 SEED_ENV = {"NPROC_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
 
@@ -108,7 +114,6 @@ def expected_quickstart() -> dict:
         ("data", "packing_length"): 2048,
         ("train", "lr_decay_iters"): 100,
         ("eval", "eval_interval"): 100,
-        ("data", "use_chat_template"): True,
         ("train", "mode"): "sft",
         # untouched Megatron-SWIFT defaults the run relies on
         ("parallel", "pipeline_model_parallel_size"): 1,
@@ -218,7 +223,49 @@ def test_design_example_loads(tmp_path):
     assert cfg.train.lr == 1e-5 and cfg.train.min_lr == 1e-6 and cfg.train.lr_warmup_iters == 10
 
 
-@pytest.mark.parametrize("mode,chat", [("sft", True), ("pt", False)])
-def test_mode_sets_chat_template(mode, chat):
+@pytest.mark.parametrize("mode", ["sft", "pt"])
+def test_mode_comes_from_the_subcommand(mode):
     cfg = load_config(None, ["--dataset", "a.jsonl"], mode=mode, environ={})
-    assert cfg.train.mode == mode and cfg.data.use_chat_template is chat
+    assert cfg.train.mode == mode
+
+
+# The seed's argument table: every flag of its quickstart, and the other seed flags (the ones issue 15
+# names), each with the seed's (Megatron-SWIFT's) default.
+SEED_TABLE = {
+    "load": None, "dataset": [], "tensor_model_parallel_size": 1, "micro_batch_size": 1, "global_batch_size": 16,
+    "recompute_granularity": "selective", "train_iters": None, "eval_iters": -1, "finetune": False,
+    "cross_entropy_loss_fusion": False, "lr": None, "lr_warmup_iters": 0, "min_lr": 0.0, "save": None,
+    "save_interval": 500, "max_length": None, "system": None, "num_workers": 4, "no_save_optim": False,
+    "no_save_rng": False, "dataset_num_proc": 1, "model_author": None, "model_name": None,
+    "ckpt_format": "torch_dist", "auto_detect_ckpt_format": True, "dataloader_type": "cyclic",
+    "no_initialization": True, "group_query_attention": None, "distributed_timeout_minutes": 60,
+    "log_params_norm": True, "log_throughput": True, "log_timers_to_tensorboard": True,
+    "no_log_learning_rate_to_tensorboard": False, "log_validation_ppl_to_tensorboard": True,
+    "log_memory_to_tensorboard": True, "transformer_impl": "transformer_engine", "position_embedding_type": "rope",
+    "no_masked_softmax_fusion": False, "apply_query_key_layer_scaling": None, "attention_softmax_in_fp32": True,
+    "use_flash_attn": False,
+}
+DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+
+
+def documented_differences(text: str) -> dict[str, str]:
+    """{key: reason} from docs/config.md's table of defaults that differ from the seed."""
+    part = text.split("## Defaults that differ from the seed", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \|[^|]*\|[^|]*\| ([^|]+) \|$", part, re.M)}
+
+
+def test_seed_flags_documented_with_their_defaults_and_walked():
+    text = DOC.read_text(encoding="utf-8")
+    generated, differ = text.split(MARKER, 1)[1], documented_differences(text)
+    for flag, seed_default in SEED_TABLE.items():
+        if flag in SPELLINGS:
+            ours, row = SPELLINGS[flag].default, rf"^\| `{flag}` \| `{re.escape(repr(SPELLINGS[flag].default))}` \|"
+            sec, name = SPELLINGS[flag].section, SPELLINGS[flag].field
+        else:
+            sec, name = FIELD_SECTION[flag], flag
+            ours = field_default(field_of(sec, name))
+            row = rf"^\| `{flag}` \| [^|]+ \| `{re.escape(repr(ours))}` \|"
+        assert re.search(row, generated, re.M), f"{flag}: no row with its default {ours!r} in docs/config.md"
+        assert verdict(sec, name), f"{flag}: neither read nor refused"
+        assert ours == seed_default or flag in differ, f"{flag}: default {ours!r}, the seed's {seed_default!r}"
+    assert set(differ) <= set(SEED_TABLE), "the differences table lists only seed flags"

@@ -139,3 +139,29 @@ def test_json_parquet_csv_and_saved_dir_sources(tmp_path):
     bad.write_text('[{"query": "a",\n "response": }]')
     with pytest.raises(DataError, match=rf"{bad}:2: malformed JSON"):
         open_source(parse_spec(str(bad)))
+
+
+def test_self_cognition_placeholders_in_any_case():
+    """LLaMA-Factory's identity.json writes {{name}} / {{author}}: filled like {{NAME}} / {{AUTHOR}}."""
+    row = {"query": "who are you?", "response": "I am {{name}} by {{Author}}; {{NAME}} from {{AUTHOR}}. $1 \\1"}
+    conv = fill(normalize(row, "id.json:1"), "id.json:1", ["Bot\\1 $0"], ["Ann"])
+    assert conv.messages[-1]["content"] == "I am Bot\\1 $0 by Ann; Bot\\1 $0 from Ann. $1 \\1"
+    with pytest.raises(DataError, match=r"id.json:1: self-cognition row holds \{\{AUTHOR\}\} but model_author is unset"):
+        fill(normalize(row, "id.json:1"), "id.json:1", ["Bot"], [])
+
+
+def test_rows_left_with_placeholders_are_counted_and_named(tmp_path, caplog):
+    import logging
+
+    from hpctrain.data.prep import prepare
+
+    caplog.set_level(logging.WARNING)
+    rows = [{"query": "who?", "response": "I am {{name}}."}, {"query": "what?", "response": "Ask {{MODEL}}."},
+            {"query": "which?", "response": "{{version}} of {{name}}, {{Model}}."}, {"query": "q", "response": "r"}]
+    data = write_jsonl(tmp_path / "sc.jsonl", rows)
+    opts = DataOptions(dataset=[data], dataset_shuffle=False, model_name=["Bot"], model_author=["Ann"])
+    info = prepare(opts, qwen(), tmp_path / "out")["splits"]["train"]
+    assert info["placeholder_rows"] == 2 and info["samples"] == 4
+    assert f"{data}:2: {{{{MODEL}}}}" in info["placeholder_examples"][0]
+    assert f"{data}:3: {{{{version}}}} {{{{Model}}}}" in info["placeholder_examples"][1]
+    assert "train: 2 rows still hold a {{...}} placeholder after filling" in caplog.text

@@ -57,6 +57,12 @@ def test_pipeline_runs_every_stage(pipeline):
     for when in ("before", "after"):
         (line,) = [x for x in summary.splitlines() if x.strip().startswith(f"{when} training: Q: who are you?")]
         assert line.split("  A: ", 1)[1].strip(), f"no answer {when} training: {line!r}"
+    # the RoPE base the trainer used is SmolLM2's own (transformers' reading of the GGUF), not 10000
+    from transformers import AutoConfig
+    gguf = _gguf()
+    base = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).rope_parameters["rope_theta"]
+    (trained,) = [x for x in summary.splitlines() if x.strip().startswith("trained model:")]
+    assert f"llama, 30 layers, RoPE base {base:g}, dtype float32" in trained, trained
     (verdict,) = [x for x in summary.splitlines() if "the answer names the model" in x]
     named = verdict.split("):", 1)[1].split(";")[0].strip()
     assert named in ("yes", "NO") and r.returncode == (0 if named == "yes" else 4), (verdict, r.returncode)

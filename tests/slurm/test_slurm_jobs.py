@@ -32,7 +32,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-TOKENIZER = ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
 DATA = ROOT / "hpctrain" / "assets" / "data" / "self_cognition.jsonl"
 # A step takes ~0.1-0.5 s: the 38 steps (and 2 saves) between the signal and the end leave seconds for
 # scancel to land mid-run; where it lands does not change the result.
@@ -40,6 +39,7 @@ ITERS, SIGNAL_AT, SAVE_INTERVAL = 40, 2, 15
 JOB_TOML = """
 [model]
 model = {model}
+load_safetensors = false
 [data]
 dataset = [{dataset}]
 max_length = 256
@@ -75,20 +75,13 @@ OMP_NUM_THREADS = "1"
 def tiny_model(tmp_path_factory) -> Path:
     """A model directory for `hpctrain sft --model DIR`: config.json of a tiny Qwen2 and a byte-level tokenizer
     (the 256 byte symbols, no merges) with the Qwen2.5 fixture's chat template and special tokens. The Qwen2.5
-    tokenizer itself would force a 152k vocabulary: 5x slower steps, 120 MB checkpoints. No weights: without
-    --load the trainer initialises the model from the seed, identically in every run."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+    tokenizer itself would force a 152k vocabulary: 5x slower steps, 120 MB checkpoints. No weights: with
+    load_safetensors = false the trainer initialises the model from the seed, identically in every run."""
+    from tiny_hf import byte_tokenizer
+    from transformers import Qwen2Config
 
     out = tmp_path_factory.mktemp("tiny-qwen2")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = AutoTokenizer.from_pretrained(TOKENIZER).chat_template
-    tok.save_pretrained(out)
+    byte_tokenizer(out)
     Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False).save_pretrained(out)
     return out

@@ -1,5 +1,5 @@
 """Trainer arguments on the tiny model (CPU, gloo): precision, SGD momentum, virtual pipeline,
-evaluation, manual GC and the LR schedule. One single-process worker runs most jobs (cheap), one
+evaluation and manual GC (the LR schedule: test_trainer_settings.py). One single-process worker runs most jobs (cheap), one
 2-process torchrun runs the virtual-pipeline layout. Instrumentation: tests/train/trainer_worker.py
 ("Optional job keys"). Tolerances are stated where used.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 from trainer_jobs import run_plan, weights
 
-LR, MIN_LR = 1e-3, 1e-4  # trainer_worker.TINY
+LR = 1e-3  # trainer_worker.TINY
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +42,6 @@ def runs(tmp_path_factory):
         {"name": "gc_manual", "gc_trace": True,
          "flags": ft("gc_manual", 4, "--manual_gc", "true", "--manual_gc_interval", "2")},
         {"name": "gc_auto", "gc_trace": True, "flags": ft("gc_auto", 4)},
-        {"name": "lr_cosine", "flags": ft("lr_cosine", 8, "--lr_warmup_iters", "3", "--lr_decay_style", "cosine")},
-        {"name": "lr_linear", "flags": ft("lr_linear", 8, "--lr_warmup_iters", "2", "--lr_decay_style", "linear",
-                                          "--lr_decay_iters", "6")},
         {"name": "ref3", "flags": ft("ref3", 3)},
         {"name": "profiled", "flags": ft("profiled", 3, "--profile", "true", "--profile_step_start", "2",
                                          "--profile_step_end", "3")},
@@ -155,36 +152,3 @@ def test_manual_gc_disables_automatic_gc_and_collects_every_interval(runs):
     assert manual_steps == {2, 4}  # after iterations 2 and 4 (manual_gc_interval 2), not 1 or 3
     # control: without manual_gc the same run triggers automatic (young-generation) collections
     assert any(en and g < 2 for s, g, en in auto["probe"]["gc"] if 1 <= s <= 3)
-
-
-def expected_lr(it: int, warmup: int, decay: int, style: str) -> float:
-    """Megatron's schedule with warmup counted from iteration 1 (iteration `it` trains with this)."""
-    if it <= warmup:
-        return LR * it / warmup
-    if it > decay:
-        return MIN_LR
-    ratio = (it - warmup) / (decay - warmup)
-    coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if style == "cosine" else 1.0 - ratio
-    return MIN_LR + coeff * (LR - MIN_LR)
-
-
-@pytest.mark.parametrize("name,warmup,decay,style", [("lr_cosine", 3, 8, "cosine"), ("lr_linear", 2, 6, "linear")])
-def test_lr_schedule_per_iteration(runs, name, warmup, decay, style):
-    _, r = runs
-    lrs = [x["lr"] for x in log_records(r[name]["save_dir"]) if "lr" in x]
-    assert len(lrs) == 8
-    want = [expected_lr(i, warmup, decay, style) for i in range(1, 9)]
-    for got, w in zip(lrs, want):
-        assert got == pytest.approx(w, rel=1e-9)
-    assert lrs[0] == LR / warmup > 0  # iteration 1 trains with a non-zero LR
-    assert lrs[warmup - 1] == pytest.approx(LR) and lrs[decay - 1] == pytest.approx(MIN_LR)
-
-
-def test_profile_writes_the_profiled_steps_table_and_trace(runs):
-    """--profile true: the torch profiler over iterations 2-3 only, a table and a Chrome trace."""
-    tmp, r = runs
-    prof = tmp / "profiled" / "profile"
-    table = (prof / "steps_2-3.txt").read_text()
-    assert table.startswith("# steps 2-3: wall ") and "aten::mm" in table
-    assert json.loads((prof / "steps_2-3.json").read_text())["traceEvents"]
-    assert sorted(p.name for p in prof.iterdir()) == ["steps_2-3.json", "steps_2-3.txt"]

@@ -39,7 +39,7 @@ def model_dir(tmp: Path) -> Path:
 
 def sft(tmp: Path, model: Path, name: str, tp: int, iters: int, *extra: str) -> tuple[list, float, Path]:
     save = tmp / name
-    flags = ["--model", str(model),
+    flags = ["--model", str(model), "--load_safetensors", "false",  # config + tokenizer only: random init
              "--dataset", f"{DATA}/alpaca_gpt4_en.jsonl#1000", f"{DATA}/alpaca_gpt4_zh.jsonl#1000",
              "--tensor_model_parallel_size", str(tp), "--sequence_parallel", str(tp > 1).lower(),
              "--micro_batch_size", "4", "--global_batch_size", "8",

@@ -38,7 +38,7 @@ def model_dir(tmp: Path) -> Path:
 
 def sft(tmp: Path, name: str, *extra: str) -> list[dict]:
     save = tmp / name
-    flags = ["--model", str(model_dir(tmp)),
+    flags = ["--model", str(model_dir(tmp)), "--load_safetensors", "false",
              "--dataset", f"{DATA}/alpaca_gpt4_en.jsonl", f"{DATA}/self_cognition.jsonl",
              "--model_name", "hpctrain-bot", "--model_author", "hpctrain",
              "--micro_batch_size", "4", "--global_batch_size", "16", "--max_length", "2048",

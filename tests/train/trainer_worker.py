@@ -10,11 +10,19 @@ next to a by-hand forward pass over the same micro-batches; "capture_steps": N, 
 main grads around the first N optimizer steps to <out>.<name>.steps.pt; "poison_grad_at": [k],
 make one main grad inf before the k-th optimizer step; "gc_trace": record gc callbacks with the
 number of optimizer steps done. What was recorded goes into the job's result ("probe").
+tests/train/test_trainer_settings.py: "num_samples": the synthetic source's size (epochs); "loader":
+{"n": N, "log": PATH}: train from hpctrain's own loader (train/entry.LoaderSource, so data.num_workers
+and train.dataloader_type apply) over N synthetic samples whose reads are logged as "pid index" lines;
+"expect_error": the job must stop with a ConfigError/ValueError holding this text (recorded, not raised);
+"timeouts": record the timeout of every process group after the run.
 """
 import gc
 import json
+import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -57,9 +65,9 @@ class Source:
     pack="split": the same samples, each in its own (padded) row - what packing must be equal to.
     """
 
-    def __init__(self, pack, repeat: bool = False, offset: int = 0):
+    def __init__(self, pack, repeat: bool = False, offset: int = 0, num_samples: int = 10_000):
         self.pack, self.repeat, self.offset = pack, repeat, offset  # repeat: always the first global batch
-        self.num_samples = 10_000
+        self.num_samples = num_samples
 
     def __call__(self, consumed, n_micro, mbs):
         from megatron.core import parallel_state as ps
@@ -89,12 +97,52 @@ class Source:
         return out
 
 
+class LoggedDataset:
+    """Samples for hpctrain's own loader ((ids, loss mask) numpy pairs); each read appends "pid index"
+    to ``log``, so a test sees which process read which sample in which order."""
+
+    pad_id = 0
+
+    def __init__(self, n: int, log: str):
+        self.n, self.log = n, log
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {i}\n")
+        ids, labels = sample(int(i))  # labels[t] is ids[t + 1]'s target: mask token t + 1 where it has one
+        mask = np.concatenate([[0], (labels[:-1] != -100).numpy()]).astype(np.uint8)
+        return ids.numpy().astype(np.int64), mask
+
+
+def loader_source(cfg, spec: dict):
+    from hpctrain.train.entry import LoaderSource
+    return LoaderSource(LoggedDataset(spec["n"], spec["log"]), cfg, False, 1)
+
+
+def group_timeouts() -> dict:
+    """{group description: timeout in seconds} of every process group of this process."""
+    import torch.distributed as tdist
+    names = tdist.distributed_c10d._world.pg_names
+    return {f"{names.get(pg, '?')} ({pg.group_desc})": pg._get_backend(torch.device("cpu")).options._timeout
+            .total_seconds() for pg in list(tdist.distributed_c10d._world.pg_map)}
+
+
+def run_job(job: dict, cfg, probe):
+    from hpctrain.train import loop
+    source = loader_source(cfg, job["loader"]) if "loader" in job else \
+        Source(job.get("pack", False), job.get("repeat", False), num_samples=job.get("num_samples", 10_000))
+    return loop.run(cfg, source, probe.valid if job.get("valid") else None)
+
+
 def init_only(cfg, out_root: str):
     from hpctrain.checkpoint.io import TrainProgress, save_checkpoint
-    from hpctrain.train import dist, loop, model_setup
+    from hpctrain.train import dist, loop, model_source
     info = dist.init_distributed(cfg)
     dist.init_model_parallel(1, 1, seed=cfg.train.seed)
-    model_setup.fill_model_fields(cfg)
+    model_source.fill_model_fields(cfg)
     chunks, opt, _ = loop.setup(cfg, info)
     save_checkpoint(out_root, TrainProgress(0, 0), chunks, save_optim=False, save_rng=False)
 
@@ -212,14 +260,24 @@ def main():
     optim.build_optimizer = lambda *a, **k: probe.wrap_optimizer(build_optimizer(*a, **k))
     step.eval_step = lambda *a, **k: probe.eval_step(eval_step, *a, **k)
     gc.callbacks.append(lambda phase, info: probe is not None and probe.gc_callback(phase, info))
+    from hpctrain.config import ConfigError
     for job in plan["jobs"]:
         cfg = load_config(None, TINY + job["flags"], mode="sft")
         probe = Probe(job, plan["out"])
         if job.get("init_only"):
             init_only(cfg, cfg.checkpoint.save)
             continue
-        res = loop.run(cfg, Source(job.get("pack", False), job.get("repeat", False)),
-                       probe.valid if job.get("valid") else None)
+        if "expect_error" in job:
+            try:
+                run_job(job, cfg, probe)
+            except (ConfigError, ValueError) as e:
+                assert job["expect_error"] in str(e), str(e)
+                results[job["name"]] = dict(error=str(e), exit_code=0)
+                continue
+            raise AssertionError(f"job {job['name']} ran although it should stop with {job['expect_error']!r}")
+        res = run_job(job, cfg, probe)
+        if job.get("timeouts"):
+            probe.data["timeouts"] = group_timeouts()
         if not job.get("gc_trace"):
             probe.data["gc"] = []
         probe.data["gc_enabled_after"] = gc.isenabled()

@@ -110,7 +110,7 @@ def _attention_as_gpu_kernels(model, counter: SavedBytes):
 
 def build(args):
     from hpctrain.config import load_config
-    from hpctrain.train import compat, model_setup
+    from hpctrain.train import compat, model_setup, model_source
 
     with open(os.path.join(CONFIG_DIR, f"qwen2.5-{args.model}-instruct.config.json")) as f:
         hf = json.load(f)
@@ -129,7 +129,7 @@ def build(args):
     compat.apply("cpu")
     from tests.portable.portable_tiny import init_single_process  # one-rank gloo + parallel state
     init_single_process()
-    model_setup.fill_model_fields(cfg)  # fallbacks for the fields not set above
+    model_source.fill_model_fields(cfg)  # fallbacks for the fields not set above
     tcfg = model_setup.transformer_config(cfg, "cpu")
     chunks = model_setup.build_model_chunks(cfg, tcfg)
     return cfg, chunks[0].to(torch.bfloat16)

@@ -57,7 +57,7 @@ sft() {  # sft NAME MODEL_DIR SECONDS FLAGS...: one `hpctrain sft`, its per-iter
   local rem; rem=$(left); [ "$rem" -lt "$secs" ] && secs=$rem
   if [ "$secs" -lt 30 ]; then echo "[lean] SKIPPED (budget): $name" | tee -a "$LOG"; return; fi
   echo "[lean] $(date +%T) sft $name ($secs s max)" | tee -a "$LOG"
-  (cd "$WORK" && timeout "$secs" python3 -m hpctrain.cli sft --model "$model" \
+  (cd "$WORK" && timeout "$secs" python3 -m hpctrain.cli sft --model "$model" --load_safetensors false \
      --dataset "$DATA/alpaca_gpt4_en.jsonl" "$DATA/self_cognition.jsonl" --model_name hpctrain-bot \
      --model_author hpctrain --max_length 2048 --packing true --cross_entropy_loss_fusion true \
      --torch_dtype bfloat16 --lr 1e-5 --lr_warmup_iters 2 --save "$WORK/$name" --add_version false \
@@ -90,7 +90,7 @@ for stage in ${@:-setup fast hf eager sync mem7b}; do
 import sys, torch
 torch.cuda.set_sync_debug_mode('warn')
 from hpctrain.cli import main
-sys.exit(main(['sft', '--model', '$M', '--dataset', '$DATA/alpaca_gpt4_en.jsonl', '--max_length', '2048',
+sys.exit(main(['sft', '--model', '$M', '--load_safetensors', 'false', '--dataset', '$DATA/alpaca_gpt4_en.jsonl', '--max_length', '2048',
                '--packing', 'true', '--cross_entropy_loss_fusion', 'true', '--torch_dtype', 'bfloat16',
                '--micro_batch_size', '4', '--global_batch_size', '16', '--train_iters', '6', '--save', '',
                '--log_interval', '1']))" > "$WORK/sync.log" 2>&1)

@@ -40,7 +40,7 @@ OUT=$OUT WORK=$WORK bash tools/bench/gpu_trainer.sh portable trainer
 M=$WORK/qwen2.5-0.5b-random
 mkdir -p "$M" && cp hpctrain/assets/configs/qwen2.5-0.5b-instruct.config.json "$M/config.json" \
   && cp tests/fixtures/qwen2.5-tokenizer/* "$M/"
-(cd "$WORK" && timeout 240 python3 -m hpctrain.cli sft --model "$M" --torch_dtype bfloat16 \
+(cd "$WORK" && timeout 240 python3 -m hpctrain.cli sft --model "$M" --load_safetensors false --torch_dtype bfloat16 \
    --dataset "AI-ModelScope/alpaca-gpt4-data-en#400" "swift/self-cognition#100" --model_name hpctrain-bot hpctrain-bot \
    --model_author hpctrain hpctrain --packing true --max_length 2048 --micro_batch_size 4 --global_batch_size 16 \
    --train_iters 20 --lr_warmup_iters 2 --save "$WORK/sft" --save_interval 20 --log_interval 5 \

@@ -59,7 +59,7 @@ for suite in "$@"; do
     seed)
       M=$(model_dir qwen2.5-7b-random qwen2.5-7b-instruct.config.json)
       (cd "$WORK" && stage "sft (100 iterations, TP=2)" env NPROC_PER_NODE=2 python3 -m hpctrain.cli sft \
-         "$ROOT/examples/qwen2.5-7b-sft.toml" --model "$M" --load "" --finetune false \
+         "$ROOT/examples/qwen2.5-7b-sft.toml" --model "$M" --load "" --load_safetensors false --finetune false \
          --torch_dtype bfloat16 --save "$WORK/seed")
       run=$(ls -d "$WORK"/seed/v* 2>/dev/null | tail -1)
       [ -n "$run" ] && cp "$run/logging.jsonl" "$OUT/seed_logging.jsonl"
@@ -70,7 +70,7 @@ for suite in "$@"; do
     memcheck)  # the seed recipe's memory and speed with 20 iterations, no checkpoint
       M=$(model_dir qwen2.5-7b-random qwen2.5-7b-instruct.config.json)
       (cd "$WORK" && stage "sft memcheck (20 iterations, TP=2)" env NPROC_PER_NODE=2 python3 -m hpctrain.cli sft \
-         "$ROOT/examples/qwen2.5-7b-sft.toml" --model "$M" --load "" --finetune false \
+         "$ROOT/examples/qwen2.5-7b-sft.toml" --model "$M" --load "" --load_safetensors false --finetune false \
          --torch_dtype bfloat16 --train_iters 20 --save "" --lr_warmup_iters 2)
       grep -h "iter 5/\|iter 20/" "$OUT/seed.log" | tail -2
       ;;

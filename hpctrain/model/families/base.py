@@ -14,12 +14,18 @@ Rules (megatron-core 0.16.1 layouts, see ``Attention.get_query_key_value_tensors
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
+from hpctrain.config.errors import ConfigError
 from hpctrain.native import relayout
+
+
+class HfConfigError(ConfigError):
+    """An HF config.json value the mapping cannot turn into megatron-core arguments. The message
+    names the file and the key, and says what to change (the CLI prints it and exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -127,16 +133,39 @@ class GatedMLP:
 Rule = Direct | QKV | GatedMLP
 
 
+# What every Family.config_map returns: cfg.model field names (the trainer fills the fields the user
+# left unset from them) plus ``vocab_size`` (config.json's real vocabulary, before TP padding).
+MODEL_ARG_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
+    "rotary_base", "rotary_percent", "normalization", "norm_epsilon", "swiglu", "disable_bias_linear",
+    "add_qkv_bias", "untie_embeddings_and_output_weights", "qk_layernorm", "rope_scaling",
+    "torch_dtype", "vocab_size",
+)
+
+
 @dataclass(frozen=True)
 class Family:
-    """One model family: which HF architectures, how its config maps, how its params map."""
+    """One model family: which HF architectures, how its config maps, how its params map.
+
+    To add a family, write one file in this folder with its ``RULES`` and a ``config_map`` and list
+    its ``FAMILY`` in ``families/__init__.py``:
+
+    * ``config_map(hf, where) -> dict``: the HF config.json dict -> megatron model arguments with
+      every key of ``MODEL_ARG_KEYS`` (start from ``common.decoder_args``, which reads the shared keys
+      in every transformers 4.x / 5.x spelling). ``where`` names the file for error messages; raise
+      ``HfConfigError`` naming the key for anything the family cannot map.
+    * ``rules``: the HF <-> mcore parameter map (``Direct`` / ``QKV`` / ``GatedMLP`` above).
+
+    Callers never call ``config_map`` directly: ``hpctrain.model.families.model_args`` picks the
+    family and checks the result.
+    """
 
     name: str
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
     rules: tuple[Rule, ...]
-    config_map: Callable[[Mapping[str, Any]], dict[str, Any]]
-    hf_defaults: Mapping[str, Any] = field(default_factory=dict)
+    config_map: Callable[[Mapping[str, Any], str], dict[str, Any]]
 
     def active_rules(self, tied: bool) -> list[Rule]:
         return [r for r in self.rules if not (tied and r.untied_only)]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from hpctrain.model.families.base import QKV, Direct, Family, GatedMLP
+from hpctrain.model.families.base import QKV, Direct, Family, GatedMLP, HfConfigError
+from hpctrain.model.families.common import decoder_args, flag, rope_scaling
 
 RULES = (
     Direct("embedding.word_embeddings.weight", "model.embed_tokens.weight", vocab=True),
@@ -31,27 +32,29 @@ MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192}
 
 
-def config_map(hf: Mapping[str, Any]) -> dict[str, Any]:
+def config_map(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """HF config.json -> Megatron model arguments (cfg.model field names)."""
-    from hpctrain.model.families.common import decoder_args, rope_scaling
-
     for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ValueError(f"Llama config: {key}=true is not supported (megatron-core's Llama "
-                             f"layout has no such bias); only {key}=false models convert")
-    args = decoder_args(hf)
+        if flag(hf, key, where, False):
+            raise HfConfigError(f"{where}: {key} = true is not supported (megatron-core's Llama layout "
+                                f"has no such bias); only {key} = false models convert")
+    args = decoder_args(hf, where)
     args["add_qkv_bias"] = False
-    rs = rope_scaling(hf)
+    rs = rope_scaling(hf, where)
     if rs:
-        kind = rs.get("rope_type", rs.get("type"))
+        key, scaling = rs
+        kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "llama3":
-            raise ValueError(f"Llama config: rope_scaling type {kind!r} is not supported; "
-                             "supported: 'llama3' (Llama 3.1) or none")
+            raise HfConfigError(f"{where}: {key}.rope_type = {kind!r} is not supported for Llama; "
+                                "supported: 'llama3' (Llama 3.1) or none")
+        if not isinstance(scaling.get("factor"), int | float) or isinstance(scaling.get("factor"), bool):
+            raise HfConfigError(f"{where}: {key}.factor = {scaling.get('factor')!r}: llama3 RoPE scaling "
+                                "needs a numeric factor; fix config.json")
         for k, want in MCORE_LLAMA3_FIXED.items():
-            if float(rs.get(k, want)) != want:
-                raise ValueError(f"Llama config: rope_scaling.{k}={rs.get(k)} is not supported: "
-                                 f"megatron-core 0.16.1 fixes it at {want}")
-        args["rope_scaling"] = {k: v for k, v in rs.items() if k != "rope_theta"}
+            if float(scaling.get(k, want)) != want:
+                raise HfConfigError(f"{where}: {key}.{k} = {scaling.get(k)} is not supported: "
+                                    f"megatron-core 0.16.1 fixes it at {want}")
+        args["rope_scaling"] = scaling
     return args
 
 
