@@ -85,14 +85,16 @@ def test_value_forms_dashes_and_aliases_parse_alike():
 def test_config_toml_gives_the_defaults_of_config_key_flags(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text('[model]\nmodel = "hf-dir"\nload = "ckpt-root"\n[data]\nsystem = "Be brief."\n'
-                   '[parallel]\ntensor_model_parallel_size = 2\n[export]\noutput_dir = "out"\nexist_ok = true\n')
+                   '[parallel]\ntensor_model_parallel_size = 2\n')
     a = command_line("infer").parse([str(job), "--temperature", "0.5"])
     assert (a.model, a.system, a.temperature) == ("hf-dir", "Be brief.", 0.5)
     assert command_line("infer").parse([str(job), "--system", "other"]).system == "other"  # flags win
     a = command_line("reshard").parse([str(job), "--out", "o"])  # CKPT = model.load, TP/PP = the job's
     assert (a.ckpt, a.tp, a.pp) == ("ckpt-root", 2, 1)
-    a = command_line("export").parse([str(job), "--to_mcore"])
-    assert (a.model, a.output_dir, a.overwrite) == ("hf-dir", "out", True)
+    conversion = tmp_path / "export.toml"  # [export] keys belong to export's own config (sft refuses them)
+    conversion.write_text('[model]\nmodel = "hf-dir"\n[export]\noutput_dir = "out"\n')
+    a = command_line("export").parse([str(conversion), "--to_mcore"])
+    assert (a.model, a.output_dir, a.to_mcore, a.overwrite) == ("hf-dir", "out", True, False)
     job.write_text(job.read_text() + '[checkpoint]\nsave = "runs/qwen"\n')
     assert command_line("plot").parse([str(job)]).run == "runs/qwen"  # RUN = the job's save root
     a = command_line("plan").parse([str(job), "--lr", "1e-4"])  # all-keys commands: any key
@@ -157,7 +159,8 @@ def test_plan_dashes_and_underscores_print_the_same_plan():
 def test_doctor_with_a_job_config_checks_its_files(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text(f'[model]\nmodel = "{TOKENIZER}"\n[data]\ndataset = ["{SC}#5", "{tmp_path}/missing.jsonl", '
-                   f'"{tmp_path}/shards-*.parquet", "AI-ModelScope/alpaca-gpt4-data-en"]\n')
+                   f'"{tmp_path}/shards-*.parquet", "AI-ModelScope/alpaca-gpt4-data-en"]\n'
+                   'model_name = ["小黄", "Bot"]\nmodel_author = ["魔搭", "Acme"]\n')
     r = _cli(["doctor", str(job)])
     assert r.returncode == 1, r.stdout
     assert "[ok  ] model.model" in r.stdout and f"[ok  ] dataset {SC}#5" in r.stdout

@@ -94,12 +94,12 @@ def tiny_hf(tmp_path_factory):
     import shutil
 
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = tmp_path_factory.mktemp("tiny-qwen2")
     torch.manual_seed(0)
-    vocab = len(AutoTokenizer.from_pretrained(TOKENIZER))  # the trainer feeds it real Qwen2.5 token ids
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # Qwen2.5's own vocab_size (the tokenizer's ids fit; TP=2 divides it)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                  max_position_embeddings=256)).save_pretrained(out)
     for f in TOKENIZER.iterdir():

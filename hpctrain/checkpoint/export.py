@@ -29,9 +29,8 @@ def command_line() -> CommandLine:
              help="weight dtype of the output (default: the input's)"),
         flag("--test_convert_precision", kind="bool", default=False, config="export.test_convert_precision",
              help="compare HF and mcore logits in fp32 after converting; non-zero exit on failure"),
-        # ms-swift spells it --exist_ok
-        flag("--overwrite", "--exist_ok", kind="bool", default=False, config="export.exist_ok",
-             help="replace an existing output_dir"),
+        # ms-swift spells it --exist_ok (the config key export.exist_ok is refused: see config/refusals.py)
+        flag("--overwrite", "--exist_ok", kind="bool", default=False, help="replace an existing output_dir"),
         flag("--max_shard_size_gb", type=float, default=5.0, help="HF shard size (to_hf)"),
         flag("--no_progress", kind="bool", default=False, help="no progress lines"),
     ])

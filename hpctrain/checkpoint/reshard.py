@@ -56,7 +56,7 @@ NO_OPTIM = "pass --no_optim to write the weights without it (a resumed run then 
 def command_line():
     from hpctrain.cli_args import CommandLine, Positional, flag
 
-    return CommandLine("hpctrain reshard", __doc__.split("\n\n")[0], flags=[
+    return CommandLine("hpctrain reshard", __doc__.split("\n\n")[0], mode="reshard", flags=[
         flag("--tp", "--tensor_model_parallel_size", type=int, required=True, help="target TP size",
              config="parallel.tensor_model_parallel_size"),
         flag("--pp", "--pipeline_model_parallel_size", type=int, required=True, help="target PP size",
