@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from hpctrain.checkpoint import layout
+from hpctrain.checkpoint import layout, safe_pickle
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,10 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
                     ) -> TrainProgress | None:
     """Load the newest complete checkpoint reachable from ``path`` into ``chunks`` (and, unless
     finetune, the optimizer, scheduler, RNG and progress). Returns None when there is none and
-    ``exit_on_missing`` is False."""
+    ``exit_on_missing`` is False. Its pickles go through safe_pickle: a crafted file is refused."""
     from megatron.core import dist_checkpointing
 
+    safe_pickle.install()
     ref = layout.find_latest(path)
     if ref is None:
         if exit_on_missing:

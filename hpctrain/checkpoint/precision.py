@@ -118,9 +118,10 @@ def load_mcore_model(mcore_dir: str, device: torch.device):
     """GPTModel for this rank's TP/PP slice with the checkpoint's weights (fp32)."""
     from megatron.core import dist_checkpointing
 
-    from hpctrain.checkpoint import layout
+    from hpctrain.checkpoint import layout, safe_pickle
     from hpctrain.model.build import build_gpt_model, model_args_from_checkpoint
 
+    safe_pickle.install()  # a crafted checkpoint is refused, never run
     ref = layout.require_latest(mcore_dir)
     args = model_args_from_checkpoint(ref.root)
     model = build_gpt_model(args, params_dtype=torch.float32)

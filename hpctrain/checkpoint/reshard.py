@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from hpctrain.checkpoint import convert_dcp as cd
-from hpctrain.checkpoint import layout, legacy
+from hpctrain.checkpoint import layout, legacy, safe_pickle
 from hpctrain.checkpoint.convert_hf_to_mcore import _progress, prepare_output
 from hpctrain.model.mcore_config import check_pp, check_tp
 
@@ -91,7 +91,7 @@ def find_input(ckpt: str) -> tuple[layout.CheckpointRef, str]:
 
 def _common(ref: layout.CheckpointRef) -> dict:
     f = ref.path / "common.pt"
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else {}
+    return safe_pickle.load_torch(f) if f.is_file() else {}
 
 
 def dist_source(ref: layout.CheckpointRef) -> legacy.DistSource:

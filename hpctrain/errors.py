@@ -1,0 +1,84 @@
+"""User mistakes and environment faults as one line each: the error type and how a failure reads.
+
+``UserError``: something the user gave us is wrong - a file, a key, a flag, a checkpoint - and the
+message says which one and what to do instead. ``describe`` turns any exception into the exit code
+and the one line ``hpctrain`` prints (the traceback only with ``--debug``):
+
+* a UserError anywhere in the chain (also inside torch's per-rank CheckpointException), or another
+  ValueError / missing-file error (ConfigError, DataError, LayoutError, JSON errors): exit 2;
+* a full disk or quota (ENOSPC, EDQUOT, EFBIG) anywhere in the chain: exit 1, the file named;
+* anything else: exit 1 with its type and first line, and the hint to rerun with --debug.
+
+Lives at the top of the package so that every layer can raise UserError without importing another.
+"""
+from __future__ import annotations
+
+import errno
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+USAGE_TYPES = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError)
+
+
+class UserError(ValueError):
+    """A mistake in the user's input; ``str(err)`` is the whole user-facing message (one line).
+
+    A ValueError, so code that already turns ValueErrors into messages keeps working."""
+
+
+def _chain(exc: BaseException | None):
+    """``exc``, its causes/contexts, and the per-rank failures torch's distributed checkpoint wraps
+    in a CheckpointException (``failures``: rank -> exception or wrapped exception), breadth first."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [getattr(f, "exception", f) for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+
+
+def user_error_in(exc: BaseException | None) -> UserError | None:
+    """The UserError behind ``exc``, if any."""
+    return next((e for e in _chain(exc) if isinstance(e, UserError)), None)
+
+
+def disk_full_in(exc: BaseException | None) -> OSError | None:
+    """The out-of-space OSError behind ``exc``, if any (a SafetensorError or torch's wrapped
+    writer error only carries it in its text: 'No space left on device' / 'StorageFull')."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e
+        text = str(e)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return OSError(errno.ENOSPC, "No space left on device", getattr(e, "filename", None))
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def describe(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for a failure that reached the command's top level."""
+    user = user_error_in(exc)
+    if user is not None:
+        return EXIT_USAGE, _first_line(user)
+    full = disk_full_in(exc)
+    if full is not None:
+        top = _first_line(exc)
+        if "no space left" not in top.lower():  # else it is a message that already says so, in context
+            where = f" writing {full.filename}" if full.filename else ""
+            top = f"no space left on device{where}"
+        return EXIT_FAILURE, f"{top}; free space or choose another folder"
+    if isinstance(exc, USAGE_TYPES):
+        return EXIT_USAGE, _first_line(exc)
+    return EXIT_FAILURE, f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"
