@@ -14,12 +14,20 @@ Lives at the top of the package so that every layer can raise UserError without 
 from __future__ import annotations
 
 import errno
+import os
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 USAGE_TYPES = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError)
+
+
+DEBUG_ENV = "HPCTRAIN_DEBUG"  # set by --debug; child processes (torchrun ranks) inherit it
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class UserError(ValueError):
@@ -82,3 +90,37 @@ def describe(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, USAGE_TYPES):
         return EXIT_USAGE, _first_line(exc)
     return EXIT_FAILURE, f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"
+
+
+# --- one report per failed rank, for a launcher that prints one line for all of them -------------
+REPORT_DIR_ENV = "HPCTRAIN_ERROR_DIR"
+
+
+def write_report(directory: str, rank: int, code: int, line: str) -> None:
+    """Record this rank's failure in ``directory`` (set by a launcher that prints it for us)."""
+    import json
+    import time
+
+    path = os.path.join(directory, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"rank": rank, "code": code, "line": line, "time": time.time()}, f)
+    os.replace(path + ".tmp", path)
+
+
+def read_report(directory: str) -> dict | None:
+    """The failure to show among the ranks' reports: a user mistake (the lowest rank's) before
+    anything else (other failures are often the teardown after a peer failed), else the earliest;
+    None if no rank reported."""
+    import json
+    from pathlib import Path
+
+    reports = []
+    for p in Path(directory).glob("rank*.json"):
+        try:
+            reports.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    usage = [r for r in reports if r["code"] == EXIT_USAGE]
+    if usage:
+        return min(usage, key=lambda r: r["rank"])  # usually the same mistake seen by every rank
+    return min(reports, key=lambda r: r["time"]) if reports else None

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from hpctrain.checkpoint import safe_pickle
+from hpctrain.errors import user_error_in
 
 MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
@@ -118,6 +119,9 @@ def write_dcp(path: str | os.PathLike, items: Sequence[LazyChunk | LazyBytes],
     try:
         dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(items, on_item), no_dist=True)
     except CheckpointException as e:
+        user = user_error_in(e)  # e.g. a refused object on its way from a source checkpoint
+        if user is not None:
+            raise user from None
         first = next(iter(e.failures.values()), e)
         first = getattr(first, "exception", first)
         raise RuntimeError(f"writing the checkpoint {path} failed: {first!r} (the checkpoint is "

@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_optim", action="store_true",
                    help="drop optimizer state that cannot be re-laid-out instead of refusing")
     p.add_argument("--trust_pickle", action="store_true",
-                   help="legacy input only: load rank files with weights_only=False if their args need it")
+                   help="load the input's pickles unrestricted (they may run code): only for a checkpoint "
+                        "you trust whose files name classes outside the allow-list (e.g. Megatron-LM args)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -139,8 +140,16 @@ def check_layout(root: Path, src: legacy.Source, tp: int, pp: int) -> dict:
 def reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool = False, progress: bool = True,
             fmt: str = "torch_dist", no_optim: bool = False, trust_pickle: bool = False
             ) -> layout.CheckpointRef:
+    """Re-lay ``ckpt`` out at TP x PP in ``out``. Its pickles are read through safe_pickle (a global
+    outside the allow-list is refused) unless ``trust_pickle``."""
+    with safe_pickle.trusted(trust_pickle):
+        return _reshard(ckpt, tp, pp, out, overwrite, progress, fmt, no_optim)
+
+
+def _reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool, progress: bool, fmt: str,
+             no_optim: bool) -> layout.CheckpointRef:
     ref, kind = find_input(ckpt)
-    src = dist_source(ref) if kind == "torch_dist" else legacy.LegacySource(ref.path, trust_pickle)
+    src = dist_source(ref) if kind == "torch_dist" else legacy.LegacySource(ref.path)
     src.meta.model_args = {**check_layout(ref.root, src, tp, pp), **src.meta.model_args}  # -> legacy args
     drop_optim = _optimizer_policy(ref, kind, src, fmt, tp, pp, no_optim)
     dst_root = Path(out)

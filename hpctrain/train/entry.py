@@ -50,13 +50,19 @@ def _run(argv: list[str], mode: str) -> int:
 
 
 def spawn_torchrun(cfg, argv: list[str], mode: str, nproc: int) -> int:
-    """Re-run this command under torchrun; no shell: user strings are passed as argv items."""
+    """Re-run this command under torchrun; no shell: user strings are passed as argv items.
+
+    The ranks hand a failure line over in $HPCTRAIN_ERROR_DIR instead of printing it, and torchrun
+    runs without its own report (quiet_torchrun): one line for the failure, not one per rank plus
+    torchrun's traceback. --debug keeps everything (plain torchrun, every rank's traceback)."""
+    from hpctrain import errors
     from hpctrain.train.dist import _free_port
 
     la = cfg.launch
     # One node and no port given: a free local port (a fixed default collides with other jobs).
     port = la.master_port or (_free_port() if (la.nnodes or 1) == 1 else 29500)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+    runner = "torch.distributed.run" if errors.debug_enabled() else "hpctrain.train.quiet_torchrun"
+    cmd = [sys.executable, "-m", runner, f"--nproc_per_node={nproc}",
            f"--nnodes={la.nnodes or 1}", f"--node_rank={la.node_rank or 0}",
            f"--master_addr={la.master_addr or '127.0.0.1'}", f"--master_port={port}",
            "-m", "hpctrain.cli", mode, *argv]
@@ -67,22 +73,36 @@ def spawn_torchrun(cfg, argv: list[str], mode: str, nproc: int) -> int:
     with tempfile.TemporaryDirectory(prefix="hpctrain-") as tmp:
         status = Path(tmp) / "status"
         env["HPCTRAIN_STATUS_FILE"] = str(status)
-        proc = subprocess.Popen(cmd, env=env)
-        # torchrun forwards SIGTERM to its workers but not SIGUSR1: turn either into SIGTERM for it.
-        # (Its grace period before SIGKILL is ~30 s; a save cut short leaves the previous checkpoint.)
-        previous = {s: signal.signal(s, lambda *_: proc.send_signal(signal.SIGTERM))
-                    for s in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            rc = proc.wait()
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        if not errors.debug_enabled():
+            env[errors.REPORT_DIR_ENV] = tmp
+        rc = _run_torchrun(cmd, env)
+        failure = errors.read_report(tmp)
+        if failure is not None:
+            where = f" (rank {failure['rank']})" if failure["rank"] else ""
+            print(f"hpctrain {mode}{where}: {failure['line']}", file=sys.stderr)
+            return int(failure["code"])
         if status.is_file():
             return int(status.read_text().strip() or rc)
+        if rc:
+            print(f"hpctrain {mode}: a training process ended with exit status {rc} without a report "
+                  "(killed, out of memory?); rerun with --debug for torchrun's report", file=sys.stderr)
         return rc
+
+
+def _run_torchrun(cmd: list[str], env: dict) -> int:
+    proc = subprocess.Popen(cmd, env=env)
+    # torchrun forwards SIGTERM to its workers but not SIGUSR1: turn either into SIGTERM for it.
+    # (Its grace period before SIGKILL is ~30 s; a save cut short leaves the previous checkpoint.)
+    previous = {s: signal.signal(s, lambda *_: proc.send_signal(signal.SIGTERM))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _setup_logging(cfg, rank: int) -> None:
