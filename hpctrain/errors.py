@@ -38,7 +38,7 @@ class UserError(ValueError):
 
 def _chain(exc: BaseException | None):
     """``exc``, its causes/contexts, and the per-rank failures torch's distributed checkpoint wraps
-    in a CheckpointException (``failures``: rank -> exception or wrapped exception), breadth first."""
+    in a CheckpointException (``failures``: rank -> (exception, frames)), breadth first."""
     seen, todo = set(), [exc]
     while todo:
         e = todo.pop(0)
@@ -47,8 +47,10 @@ def _chain(exc: BaseException | None):
         seen.add(id(e))
         yield e
         failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            todo += [getattr(f, "exception", f) for f in failures.values()]
+        for f in failures.values() if isinstance(failures, dict) else ():
+            f = f[0] if isinstance(f, tuple) and f else getattr(f, "exception", f)  # (exc, frames)
+            if isinstance(f, BaseException):
+                todo.append(f)
         todo += [e.__cause__, e.__context__]
 
 

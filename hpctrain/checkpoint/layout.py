@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpctrain.files import write_atomic  # noqa: F401 - the tracker's writer, also used by others
+
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 _VERSION_RE = re.compile(r"^v(\d+)-(\d{8}-\d{6})$")
@@ -60,26 +62,6 @@ def checkpoint_dir(root: str | os.PathLike, iteration: int | str) -> Path:
 
 def tracker_path(root: str | os.PathLike) -> Path:
     return Path(root) / TRACKER
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via tmp file + fsync + rename (+ fsync of the directory)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_tracker(root: str | os.PathLike, iteration: int | str) -> Path:

@@ -45,7 +45,8 @@ import torch
 
 from hpctrain.checkpoint import convert_dcp as cd
 from hpctrain.checkpoint import layout, legacy, safe_pickle
-from hpctrain.checkpoint.convert_hf_to_mcore import _progress, prepare_output
+from hpctrain.checkpoint.convert_hf_to_mcore import _progress
+from hpctrain.checkpoint.output import Flags, staged_output
 from hpctrain.model.mcore_config import check_pp, check_tp
 
 log = logging.getLogger(__name__)
@@ -152,26 +153,24 @@ def _reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool, progress: b
     src = dist_source(ref) if kind == "torch_dist" else legacy.LegacySource(ref.path)
     src.meta.model_args = {**check_layout(ref.root, src, tp, pp), **src.meta.model_args}  # -> legacy args
     drop_optim = _optimizer_policy(ref, kind, src, fmt, tp, pp, no_optim)
-    dst_root = Path(out)
-    if dst_root.resolve() == ref.root.resolve():
-        raise ValueError(f"--out {out} is the input checkpoint's own directory; choose another")
-    prepare_output(dst_root, overwrite)
-    dst = dst_root / ref.path.name
-    if kind == "torch_dist" and fmt == "torch_dist":
-        _dist_to_dist(ref, src, dst, drop_optim, progress)
-    elif fmt == "torch":
-        bar = _progress(tp * pp, "reshard", progress)
-        legacy.write_legacy(src, tp, pp, dst, on_file=lambda: bar.update(1))
-        bar.close()
-        verify_legacy(src, dst, tp, pp)
-    else:
-        _legacy_to_dist(src, dst, progress)
-        verify_sources(src, dist_source(layout.CheckpointRef(dst_root, dst, ref.iteration, ref.release)))
-    for f in ref.root.iterdir():  # config.json, tokenizer, args.json: what goes back to HF / resumes
-        if f.is_file() and f.name != layout.TRACKER:
-            shutil.copy2(f, dst_root / f.name)
-    layout.write_tracker(dst_root, layout.RELEASE if ref.release else ref.iteration)
-    return layout.complete_checkpoint(dst_root)
+    inputs = [ref.path] + [f for f in ref.root.iterdir() if f.is_file()]
+    with staged_output(out, overwrite, inputs, Flags(out="--out", overwrite="--overwrite")) as dst_root:
+        dst = dst_root / ref.path.name
+        if kind == "torch_dist" and fmt == "torch_dist":
+            _dist_to_dist(ref, src, dst, drop_optim, progress)
+        elif fmt == "torch":
+            bar = _progress(tp * pp, "reshard", progress)
+            legacy.write_legacy(src, tp, pp, dst, on_file=lambda: bar.update(1))
+            bar.close()
+            verify_legacy(src, dst, tp, pp)
+        else:
+            _legacy_to_dist(src, dst, progress)
+            verify_sources(src, dist_source(layout.CheckpointRef(dst_root, dst, ref.iteration, ref.release)))
+        for f in ref.root.iterdir():  # config.json, tokenizer, args.json: what goes back to HF / resumes
+            if f.is_file() and f.name != layout.TRACKER:
+                shutil.copy2(f, dst_root / f.name)
+        layout.write_tracker(dst_root, layout.RELEASE if ref.release else ref.iteration)
+    return layout.complete_checkpoint(out)
 
 
 def _optimizer_policy(ref, kind: str, src: legacy.Source, fmt: str, tp: int, pp: int,

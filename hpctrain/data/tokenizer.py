@@ -4,6 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hpctrain.errors import UserError
+from hpctrain.files import check_json_files
+
+# One of these defines the vocabulary (a fast tokenizer, a sentencepiece model, a BPE/WordPiece vocab).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
 
 def load_tokenizer(model: str):
     """AutoTokenizer for an HF model directory, or for a ``.gguf`` file (read by transformers+gguf)."""
@@ -17,7 +23,18 @@ def load_tokenizer(model: str):
         if p.suffix.lower() != ".gguf":
             raise ValueError(f"{model}: a model file must be .gguf; otherwise pass the HF model directory")
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    check_tokenizer_dir(p)
     return AutoTokenizer.from_pretrained(str(p))
+
+
+def check_tokenizer_dir(p: Path) -> None:
+    """Refuse a directory without tokenizer files (transformers would build an empty tokenizer that
+    fails later with 'no chat template' or 'cannot reshape tensor of 0 elements') or with a damaged
+    JSON file (config or tokenizer: named, instead of a bare JSONDecodeError)."""
+    check_json_files(p)
+    if not any((p / n).is_file() for n in VOCAB_FILES):
+        raise UserError(f"{p} has no tokenizer ({', '.join(VOCAB_FILES)}: none found); copy the base "
+                        "model's tokenizer files into it, or point --model at the HF model directory")
 
 
 def tokenizer_files(model: str) -> list[Path]:

@@ -1,0 +1,83 @@
+"""Small files written whole or not at all, and JSON read with the file named when it is damaged.
+
+``write_atomic`` / ``copy_atomic``: tmp file + fsync + rename (+ fsync of the directory), so a
+process killed mid-write leaves the old file or none, never a truncated one that a later command
+copies on. ``read_json`` / ``check_json_files``: a damaged JSON file (empty, truncated, not JSON) is
+a UserError naming the file, instead of a JSONDecodeError deep inside a library that names none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from hpctrain.errors import UserError
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` via tmp file + fsync + rename (+ fsync of the directory)."""
+    path = Path(path)
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``shutil.copy2(src, dst)`` through a tmp file and a rename."""
+    dst = Path(dst)
+    tmp = _tmp(dst)
+    try:
+        shutil.copy2(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def read_json(path: str | os.PathLike):
+    """The parsed JSON file; a damaged one is a UserError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        size = path.stat().st_size
+        what = "is empty (0 bytes)" if size == 0 else f"is not valid JSON ({e})"
+        raise UserError(f"{path} {what}: the file is damaged, e.g. by a copy that was cut short; "
+                        "restore it from the model it came from") from None
+
+
+def check_json_files(folder: str | os.PathLike) -> None:
+    """Read every ``*.json`` file directly in ``folder`` (config, tokenizer): UserError on the first
+    damaged one. Cheap, and done before handing the folder to a library that would not name it."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in sorted(folder.glob("*.json")):
+            if p.is_file():
+                read_json(p)
