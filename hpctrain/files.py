@@ -19,7 +19,8 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.{os.getpid()}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: some file systems cannot open a dir)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -43,7 +44,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -58,7 +59,7 @@ def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def read_json(path: str | os.PathLike):

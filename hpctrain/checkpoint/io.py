@@ -24,6 +24,7 @@ import torch
 import torch.distributed as tdist
 
 from hpctrain.checkpoint import layout, safe_pickle
+from hpctrain.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +149,21 @@ def _in_process_results_queue() -> None:
 
 def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, scheduler=None,
                     save_optim: bool = True, save_rng: bool = True) -> Path:
-    """Save iteration ``progress.iteration`` under ``root``; returns the iter directory."""
+    """Save iteration ``progress.iteration`` under ``root``; returns the iter directory.
+
+    Never writes into the checkpoint the tracker names: a save of that same iteration goes to
+    ``<iter>.next`` and is swapped in after every rank finished (``_replace``)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     root = Path(root)
-    ckpt = layout.checkpoint_dir(root, progress.iteration)
-    if tdist.get_rank() == 0:
-        latest = layout.complete_checkpoint(root)
-        if ckpt.exists() and (latest is None or latest.path != ckpt):
-            shutil.rmtree(ckpt)  # left over from an interrupted save: never counted as complete
-        ckpt.mkdir(parents=True, exist_ok=latest is not None and latest.path == ckpt)
-    tdist.barrier()
+    final = layout.checkpoint_dir(root, progress.iteration)
+    target = _broadcast_path(_prepare_target(root, final) if tdist.get_rank() == 0 else None)
     state = _model_sharded(chunks)
     content = {"model": True, "optimizer": False, "rng": False}
     if save_optim and optimizer is not None:
         model_sd = _model_sharded(chunks)
+        _ensure_optimizer_state(optimizer)  # fp16 with every step skipped so far has no Adam state yet
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
         state["opt_param_scheduler"] = scheduler.state_dict()
         content["optimizer"] = True
@@ -177,16 +177,53 @@ def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, sched
     strategy = get_default_save_sharded_strategy("torch_dist")
     if hasattr(strategy, "thread_count"):
         strategy.thread_count = 1
-    dist_checkpointing.save(state, str(ckpt), sharded_strategy=strategy,
+    dist_checkpointing.save(state, str(target), sharded_strategy=strategy,
                             content_metadata=OPTIM_METADATA)
     tdist.barrier()  # every rank's files are written before the checkpoint is declared complete
-    pause = float(os.environ.get("HPCTRAIN_FAULT_PAUSE_BEFORE_TRACKER", "0") or 0)
-    if pause:  # fault-injection hook for the crash test: a window in which the save is incomplete
-        time.sleep(pause)
+    _fault_pause("BEFORE_TRACKER")  # a window in which the save is incomplete
     if tdist.get_rank() == 0:
+        if target != final:
+            _replace(final, target)
         layout.write_tracker(root, progress.iteration)
     tdist.barrier()
-    return ckpt
+    return final
+
+
+def _prepare_target(root: Path, final: Path) -> Path:
+    """Rank 0: the empty directory this save writes into (``final``, or ``<final>.next`` when
+    ``final`` is the tracker's checkpoint), after undoing what an interrupted save left."""
+    layout.recover(root)
+    latest = layout.complete_checkpoint(root)
+    target = layout.replacement_dirs(final)[0] if latest is not None and latest.path == final else final
+    if target.exists():
+        shutil.rmtree(target)  # left over from an interrupted save: never counted as complete
+    target.mkdir(parents=True)
+    return target
+
+
+def _replace(final: Path, new: Path) -> None:
+    """Swap the complete ``new`` in for ``final`` (the tracker's checkpoint) by two renames. Killed
+    between them, the tracker's checkpoint is ``<final>.prev`` (layout.complete_checkpoint finds
+    it there, layout.recover puts it back); after them, the new one."""
+    prev = layout.replacement_dirs(final)[1]
+    os.rename(final, prev)
+    _fault_pause("IN_REPLACE")
+    os.rename(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(prev)
+
+
+def _fault_pause(stage: str) -> None:
+    """Fault-injection hook for the crash tests: sleep $HPCTRAIN_FAULT_PAUSE_<stage> seconds."""
+    pause = float(os.environ.get(f"HPCTRAIN_FAULT_PAUSE_{stage}", "0") or 0)
+    if pause:
+        time.sleep(pause)
+
+
+def _broadcast_path(path: Path | None) -> Path:
+    obj = [None if path is None else str(path)]
+    tdist.broadcast_object_list(obj, src=0)
+    return Path(obj[0])
 
 
 def _is_distributed_optimizer(optimizer) -> bool:

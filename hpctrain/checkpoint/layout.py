@@ -93,16 +93,41 @@ def read_tracker(root: str | os.PathLike) -> tuple[int, bool] | None:
     return it, False
 
 
+def replacement_dirs(path: Path) -> tuple[Path, Path]:
+    """(``<iter>.next``, ``<iter>.prev``): where a save that replaces the tracker's own checkpoint
+    ``path`` writes the new one, and where the old one waits while the new one is renamed in."""
+    return path.with_name(path.name + ".next"), path.with_name(path.name + ".prev")
+
+
 def complete_checkpoint(root: str | os.PathLike) -> CheckpointRef | None:
-    """The checkpoint ``root``'s tracker points at, if the tracker and that directory exist."""
+    """The checkpoint ``root``'s tracker points at, if the tracker and that directory exist.
+
+    A replacement cut short between its two renames (hpctrain.checkpoint.io) left the tracker's
+    directory under ``<iter>.prev``: that one is complete and is returned."""
     t = read_tracker(root)
     if t is None:
         return None
     it, release = t
     path = checkpoint_dir(root, RELEASE if release else it)
     if not path.is_dir():
-        return None
+        path = replacement_dirs(path)[1]
+        if not path.is_dir():
+            return None
     return CheckpointRef(Path(root), path, it, release)
+
+
+def recover(root: str | os.PathLike) -> None:
+    """Undo what an interrupted save left in ``root``: put a ``.prev`` checkpoint back under its
+    name, drop ``.next`` / ``.prev`` folders that are no longer needed. Rank 0, before a save."""
+    import shutil
+
+    root = Path(root)
+    ref = complete_checkpoint(root)
+    if ref is not None and ref.path.name.endswith(".prev"):
+        os.rename(ref.path, ref.path.with_name(ref.path.name[: -len(".prev")]))
+    for pattern in ("iter_*.next", "iter_*.prev", "release.next", "release.prev"):
+        for d in root.glob(pattern):
+            shutil.rmtree(d)
 
 
 def is_complete(root: str | os.PathLike) -> bool:

@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 from hpctrain.checkpoint import layout
 from hpctrain.checkpoint.lock import pid_alive
 from hpctrain.errors import UserError
+from hpctrain.files import fsync_dir
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,6 @@ def _clean_stale_partials(out: Path) -> None:
             _remove(p)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, deleted after."""
     old = None
@@ -84,7 +77,7 @@ def _commit(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
     os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         _remove(old)
 

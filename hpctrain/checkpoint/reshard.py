@@ -155,7 +155,7 @@ def _reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool, progress: b
     drop_optim = _optimizer_policy(ref, kind, src, fmt, tp, pp, no_optim)
     inputs = [ref.path] + [f for f in ref.root.iterdir() if f.is_file()]
     with staged_output(out, overwrite, inputs, Flags(out="--out", overwrite="--overwrite")) as dst_root:
-        dst = dst_root / ref.path.name
+        dst = layout.checkpoint_dir(dst_root, layout.RELEASE if ref.release else ref.iteration)
         if kind == "torch_dist" and fmt == "torch_dist":
             _dist_to_dist(ref, src, dst, drop_optim, progress)
         elif fmt == "torch":

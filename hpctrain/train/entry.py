@@ -125,7 +125,8 @@ def train_from_config(cfg, mode: str) -> int:
         if rank == 0:
             log.info("training finished at iteration %d; checkpoints in %s", result.iteration, result.save_dir)
     except NonFiniteError as e:
-        log.error("%s", e)
+        if rank == 0:  # every rank stops on the same (all-reduced) value: one line
+            log.error("%s", e)
         code = EXIT_NONFINITE
     finally:
         _write_status(rank, code)

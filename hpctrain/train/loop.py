@@ -24,9 +24,12 @@ import torch.distributed as tdist
 
 from hpctrain.checkpoint import layout
 from hpctrain.checkpoint.io import TrainProgress, load_checkpoint, save_checkpoint
-from hpctrain.train import dist, model_setup, optim, step
+from hpctrain.checkpoint.lock import SaveLock
+from hpctrain.errors import UserError, disk_full_in
+from hpctrain.train import children, dist, model_setup, optim, step
 from hpctrain.train.logger import TrainLogger
 from hpctrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
+from hpctrain.train.step import NonFiniteError
 
 log = logging.getLogger("hpctrain.train")
 
@@ -142,8 +145,36 @@ def _pad_multiple(cfg) -> int:
 
 
 def run(cfg, source: Callable, valid: Callable | None = None) -> RunResult:
-    """Train; returns exit code 0 (done) or REQUEUE_EXIT_CODE (stopped on a signal after saving)."""
+    """Train; returns exit code 0 (done) or REQUEUE_EXIT_CODE (stopped on a signal after saving).
+    The save folder is locked for the run (checkpoint/lock.py): a second run on it refuses."""
     info = dist.init_distributed(cfg)
+    children.die_with_parent()  # megatron's checkpoint writers and data workers end with us
+    lock = _lock_save_folder(cfg)
+    try:
+        return _run(cfg, source, valid, info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_save_folder(cfg) -> SaveLock | None:
+    """Rank 0 takes the lock of --save; every rank raises the refusal (so none trains alone)."""
+    if not cfg.checkpoint.save:
+        return None
+    lock, refusal = None, None
+    if tdist.get_rank() == 0:
+        lock = SaveLock(cfg.checkpoint.save)
+        try:
+            lock.acquire()
+        except UserError as e:
+            refusal = str(e)
+    refusal = _broadcast_str(refusal)
+    if refusal:
+        raise UserError(refusal)
+    return lock
+
+
+def _run(cfg, source: Callable, valid: Callable | None, info) -> RunResult:
     p = cfg.parallel
     dp = dist.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   p.context_parallel_size, p.virtual_pipeline_model_parallel_size,
@@ -162,15 +193,29 @@ def run(cfg, source: Callable, valid: Callable | None = None) -> RunResult:
         progress = load_checkpoint(cfg.model.load, chunks, opt, sched, finetune=cfg.model.finetune,
                                    load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
                                    exit_on_missing=ck.exit_on_missing_checkpoint) or TrainProgress()
+    if progress.iteration >= iters:  # e.g. requeued after the last iteration's save: nothing to add
+        if info.is_main:
+            log.info("nothing to train: the checkpoint is at iteration %d of %d; exiting without saving",
+                     progress.iteration, iters)
+        return RunResult(0, progress.iteration, None, [], None)
     save_dir = prepare_save_dir(cfg)
     logger = TrainLogger(cfg, save_dir, info.world_size, info.is_main, iters)
     try:
         return _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters,
                      save_dir, logger)
     finally:
-        logger.close()
+        _close_logs(logger)
         if cfg.train.manual_gc:
             gc.enable()
+
+
+def _close_logs(logger) -> None:
+    """Flush TensorBoard, draw the loss curve: a failure here (a full disk) is a warning, never the
+    error a user sees instead of the one that stopped the run."""
+    try:
+        logger.close()
+    except Exception as e:  # noqa: BLE001 - the logs are secondary to the run's own outcome
+        log.warning("could not finish the training logs: %s", str(e).splitlines()[0] if str(e) else e)
 
 
 def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters, save_dir, logger):
@@ -189,8 +234,16 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
             return
         if t.manual_gc:
             gc.collect()
-        last_ckpt = str(save_checkpoint(save_dir, progress, chunks, opt, sched,
-                                        save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng))
+        try:
+            last_ckpt = str(save_checkpoint(save_dir, progress, chunks, opt, sched,
+                                            save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng))
+        except Exception as e:
+            full = disk_full_in(e)
+            if full is None:
+                raise
+            raise OSError(full.errno, f"saving iteration {progress.iteration} to {save_dir} failed: no space "
+                          f"left on device{f' ({full.filename})' if full.filename else ''}; "
+                          f"{_latest_line(save_dir)}", full.filename) from e
         saved_at = progress.iteration
         if info.is_main:
             log.info("saved checkpoint %s", last_ckpt)
@@ -199,7 +252,10 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
         while progress.iteration < iters:
             mbs = source(progress.consumed_train_samples, n_micro, t.micro_batch_size)
             t0 = time.time()
-            res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len)
+            try:
+                res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e} {nonfinite_advice(save_dir, cfg, progress.iteration + 1)}") from None
             progress.iteration += 1
             progress.consumed_train_samples += t.global_batch_size
             losses.append(res.loss)
@@ -221,6 +277,34 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
         return RunResult(0, progress.iteration, save_dir, losses, last_ckpt)
     finally:
         stop.restore()
+
+
+def _latest_line(save_dir: str) -> str:
+    ref = layout.complete_checkpoint(save_dir)
+    if ref is None:
+        return f"{save_dir} holds no complete checkpoint yet"
+    return f"the latest complete checkpoint is still {ref.path} (iteration {ref.iteration})"
+
+
+def nonfinite_advice(save_dir: str | None, cfg, bad_iteration: int) -> str:
+    """Which checkpoint to resume from after a non-finite loss/grad norm at ``bad_iteration``.
+
+    The value at iteration k comes from the weights after step k-1: a checkpoint saved at k-1
+    already holds them (with save_interval 1, always), so resuming from it repeats the failure."""
+    ref = layout.complete_checkpoint(save_dir) if save_dir else None
+    if ref is None:
+        start = f"; the run started from {cfg.model.load}" if cfg.model.load else ""
+        return f"No checkpoint of this run was saved before it{start}."
+    where = f"{ref.path} (iteration {ref.iteration})"
+    if ref.iteration != bad_iteration - 1:
+        return (f"The last checkpoint saved before it is {where}: resume from it (--load {ref.root}), "
+                "perhaps with a lower --lr.")
+    earlier = [d for it, d in layout.iteration_dirs(ref.root) if it < ref.iteration and layout.find_latest(d)]
+    alt = (f"resume from an earlier one, e.g. --load {earlier[-1]}" if earlier else
+           f"no earlier checkpoint is left in {ref.root}")
+    return (f"Warning: the last checkpoint saved before it, {where}, already holds the weights that "
+            f"produced this value (updated by iteration {ref.iteration}'s step): resuming from it "
+            f"repeats the failure; {alt}, perhaps with a lower --lr.")
 
 
 def _evaluate(cfg, chunks, valid, info, pad, same_len, logger, it, n_micro):
