@@ -73,7 +73,10 @@ def dispatch(command: str, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"hpctrain {command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - every failure ends in one line; --debug shows the traceback
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 - one line for every failure (torch's CheckpointException
+        # is a BaseException); --debug shows the traceback
         if errors.debug_enabled():
             raise
         if isinstance(err, ConfigError):

@@ -248,6 +248,7 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
             layout.require_latest(path)  # raises with the explanation
         log.warning("no complete checkpoint under %s: starting from scratch", path)
         return None
+    safe_pickle.check_checkpoint_dir(ref.path)
     common = dist_checkpointing.load_common_state_dict(str(ref.path))
     meta = common.get("hpctrain", {}) if isinstance(common, dict) else {}
     content = meta.get("content", {"model": True})

@@ -125,6 +125,7 @@ def load_mcore_model(mcore_dir: str, device: torch.device):
     ref = layout.require_latest(mcore_dir)
     args = model_args_from_checkpoint(ref.root)
     model = build_gpt_model(args, params_dtype=torch.float32)
+    safe_pickle.check_checkpoint_dir(ref.path)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ref.path))
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), args

@@ -15,7 +15,8 @@ Here every one of them goes through an allow-list of the classes torch and megat
 (torch's own ``weights_only`` unpickler plus the few numpy/argparse globals megatron's objects
 hold). Anything else is refused with ``UnsafePickleError`` naming the file and the global.
 ``install()`` routes torch's and megatron-core's loaders through these (idempotent; the loaders
-of this package call it before they read a checkpoint). ``trusted()`` is the escape hatch behind
+of this package call it before they read a checkpoint); ``check_checkpoint_dir`` reads a directory's
+metadata and common.pt with them up front, so a refusal is the error the user sees. ``trusted()`` is the escape hatch behind
 ``hpctrain reshard --trust_pickle``: inside it the files load unrestricted (they may run code).
 """
 from __future__ import annotations
@@ -64,6 +65,9 @@ class UnsafePickleError(UserError):
                          "never hold it, so the file may be crafted to run code when loaded; nothing "
                          "was run. Load only checkpoints you trust (hpctrain reshard --trust_pickle "
                          "reads such files unrestricted)")
+
+    def __reduce__(self):  # torch's distributed checkpoint copies per-rank exceptions
+        return UnsafePickleError, (self.where, self.name)
 
 
 @contextlib.contextmanager
@@ -149,6 +153,18 @@ def check_torch_bytes(value: io.BytesIO, where) -> None:
     pos = value.tell()
     load_torch(value, where)
     value.seek(pos)
+
+
+def check_checkpoint_dir(path) -> None:
+    """Read a torch_dist directory's ``.metadata`` and ``common.pt`` with the restricted loaders
+    before megatron-core loads it: torch's loader catches a refusal of the metadata, logs it with a
+    traceback and fails later with an AssertionError that only quotes it."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        with open(path / ".metadata", "rb") as f:
+            load_metadata(f, path / ".metadata")
+    if (path / "common.pt").is_file():
+        load_torch(path / "common.pt")
 
 
 # --- routing torch's and megatron-core's loaders through the above -------------------------
