@@ -122,7 +122,7 @@ def train_from_config(cfg, mode: str) -> int:
         source, valid = build_data(cfg, mode)
         result = loop.run(cfg, source, valid)
         code = result.exit_code
-        if rank == 0:
+        if rank == 0 and result.save_dir:
             log.info("training finished at iteration %d; checkpoints in %s", result.iteration, result.save_dir)
     except NonFiniteError as e:
         if rank == 0:  # every rank stops on the same (all-reduced) value: one line
