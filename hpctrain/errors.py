@@ -19,6 +19,12 @@ import os
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_TEXT = {errno.ENOSPC: ("No space left on device", "StorageFull"),
+                   errno.EDQUOT: ("Disk quota exceeded", "FilesystemQuotaExceeded"),
+                   errno.EFBIG: ("File too large", "FileTooLarge")}
+_DISK_FULL_FIX = {errno.ENOSPC: "free space or choose another folder",
+                  errno.EDQUOT: "free space in your quota or choose another folder",
+                  errno.EFBIG: "raise the file size limit (ulimit -f) or choose another folder"}
 USAGE_TYPES = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError)
 
@@ -66,8 +72,9 @@ def disk_full_in(exc: BaseException | None) -> OSError | None:
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             return e
         text = str(e)
-        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
-            return OSError(errno.ENOSPC, "No space left on device", getattr(e, "filename", None))
+        for code, marks in _DISK_FULL_TEXT.items():
+            if any(m in text for m in marks):
+                return OSError(code, os.strerror(code), getattr(e, "filename", None))
     return None
 
 
@@ -84,11 +91,15 @@ def describe(exc: BaseException) -> tuple[int, str]:
         return EXIT_USAGE, _first_line(user)
     full = disk_full_in(exc)
     if full is not None:
-        top = _first_line(exc)
-        if "no space left" not in top.lower():  # else it is a message that already says so, in context
-            where = f" writing {full.filename}" if full.filename else ""
-            top = f"no space left on device{where}"
-        return EXIT_FAILURE, f"{top}; free space or choose another folder"
+        if isinstance(exc, OSError) and exc.strerror:
+            top = exc.strerror + (f" writing {exc.filename}" if exc.filename else "")
+        else:
+            top = _first_line(exc)
+        cause = os.strerror(full.errno).lower()
+        if cause not in top.lower():  # else it is a message that already says so, in context
+            top = cause + (f" writing {full.filename}" if full.filename else "")
+        top = top[0].lower() + top[1:]
+        return EXIT_FAILURE, f"{top}; {_DISK_FULL_FIX[full.errno]}"
     if isinstance(exc, USAGE_TYPES):
         return EXIT_USAGE, _first_line(exc)
     return EXIT_FAILURE, f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"

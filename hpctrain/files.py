@@ -82,3 +82,26 @@ def check_json_files(folder: str | os.PathLike) -> None:
         for p in sorted(folder.glob("*.json")):
             if p.is_file():
                 read_json(p)
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes in the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def space_problem(folder: str | os.PathLike, need: int) -> OSError | None:
+    """Why writing ``need`` bytes into ``folder`` cannot work, as the OSError the write would have
+    raised, or None: a file-size limit below it (``ulimit -f``: EFBIG) or less free space (ENOSPC).
+    For writers that lose the OS error (torch's zip writer says only 'unexpected pos 704 vs 598')."""
+    import errno
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        return OSError(errno.EFBIG, f"File too large (the file size limit, ulimit -f, is {soft} bytes)",
+                       str(folder))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        return OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free, about "
+                                     f"{need / 2**20:.1f} MiB needed)", str(folder))
+    return None

@@ -8,7 +8,6 @@ kernel could reclaim them; see docs/benchmarks.md, "Checkpoint conversion (7B)".
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import struct
@@ -200,8 +199,9 @@ def _save_shard(tensors: dict, path: Path) -> None:
     try:
         save_file(tensors, str(path), metadata={"format": "pt"})
     except Exception as e:  # noqa: BLE001 - SafetensorError carries the OS error only as text
-        if disk_full_in(e) is not None:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        full = disk_full_in(e)
+        if full is not None:
+            raise OSError(full.errno, os.strerror(full.errno), str(path)) from None
         raise
 
 

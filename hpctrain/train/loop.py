@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from hpctrain.checkpoint import layout
 from hpctrain.checkpoint.io import TrainProgress, load_checkpoint, save_checkpoint
 from hpctrain.checkpoint.lock import SaveLock
 from hpctrain.errors import UserError, disk_full_in
+from hpctrain.files import copy_atomic, space_problem, tree_bytes
 from hpctrain.train import children, dist, model_setup, optim, step
 from hpctrain.train.logger import TrainLogger
 from hpctrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
@@ -103,7 +103,7 @@ def _copy_hf_files(cfg, root: Path) -> None:
     for name in HF_FILES:
         f = src.parent / name
         if f.is_file() and not (root / name).exists():
-            shutil.copy2(f, root / name)
+            copy_atomic(f, root / name)  # a run killed mid-copy leaves no truncated file to copy on
 
 
 def setup(cfg, info) -> tuple[list, Any, Any]:
@@ -237,13 +237,12 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
         try:
             last_ckpt = str(save_checkpoint(save_dir, progress, chunks, opt, sched,
                                             save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng))
-        except Exception as e:
-            full = disk_full_in(e)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            full = _out_of_space(e, save_dir)
             if full is None:
                 raise
-            raise OSError(full.errno, f"saving iteration {progress.iteration} to {save_dir} failed: no space "
-                          f"left on device{f' ({full.filename})' if full.filename else ''}; "
-                          f"{_latest_line(save_dir)}", full.filename) from e
+            raise OSError(full.errno, f"saving iteration {progress.iteration} to {save_dir} failed: "
+                          f"{full.strerror[0].lower()}{full.strerror[1:]}; {_latest_line(save_dir)}") from e
         saved_at = progress.iteration
         if info.is_main:
             log.info("saved checkpoint %s", last_ckpt)
@@ -277,6 +276,18 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
         return RunResult(0, progress.iteration, save_dir, losses, last_ckpt)
     finally:
         stop.restore()
+
+
+def _out_of_space(e: BaseException, save_dir: str) -> OSError | None:
+    """The full disk (or file-size limit) behind a failed save, if that is what it was. torch's zip
+    writer loses the OS error ('unexpected pos 704 vs 598'), so the space left is checked too,
+    against what the previous checkpoint of this run takes (64 MiB without one)."""
+    full = disk_full_in(e)
+    if full is not None:
+        return OSError(full.errno, os.strerror(full.errno) + (f" ({full.filename})" if full.filename else ""),
+                       full.filename)
+    ref = layout.complete_checkpoint(save_dir)
+    return space_problem(save_dir, tree_bytes(ref.path) if ref is not None else 64 * 2**20)
 
 
 def _latest_line(save_dir: str) -> str:

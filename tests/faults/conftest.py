@@ -27,21 +27,22 @@ def _env(extra=None) -> dict:
     return env
 
 
-def hpctrain(*args, env=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
+def hpctrain(*args, env=None, timeout=600, cwd=None, preexec_fn=None) -> subprocess.CompletedProcess:
     """``python -m hpctrain ARGS`` to completion."""
     return subprocess.run([sys.executable, "-m", "hpctrain", *map(str, args)], cwd=cwd or ROOT,
-                          env=_env(env), capture_output=True, text=True, timeout=timeout)
+                          env=_env(env), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
 
 
-def start_trainer(*flags, env=None) -> subprocess.Popen:
+def start_trainer(*flags, env=None, preexec_fn=None) -> subprocess.Popen:
     """fault_worker.py (``hpctrain sft`` on synthetic data) in its own process group."""
     return subprocess.Popen([sys.executable, str(WORKER), *map(str, flags)], cwd=ROOT, env=_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec_fn)
 
 
-def trainer(*flags, env=None, timeout=600) -> subprocess.CompletedProcess:
-    p = start_trainer(*flags, env=env)
+def trainer(*flags, env=None, timeout=600, preexec_fn=None) -> subprocess.CompletedProcess:
+    p = start_trainer(*flags, env=env, preexec_fn=preexec_fn)
     out, err = p.communicate(timeout=timeout)
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
