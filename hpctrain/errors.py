@@ -78,31 +78,35 @@ def disk_full_in(exc: BaseException | None) -> OSError | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """The message's first line, with the next one when it ends in ':' (a heading such as
+    'Validation error for field 'num_hidden_layers':' over the actual reason)."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    lines = str(text).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for a failure that reached the command's top level."""
     user = user_error_in(exc)
     if user is not None:
-        return EXIT_USAGE, _first_line(user)
+        return EXIT_USAGE, one_line(user)
     full = disk_full_in(exc)
     if full is not None:
         if isinstance(exc, OSError) and exc.strerror:
             top = exc.strerror + (f" writing {exc.filename}" if exc.filename else "")
         else:
-            top = _first_line(exc)
+            top = one_line(exc)
         cause = os.strerror(full.errno).lower()
         if cause not in top.lower():  # else it is a message that already says so, in context
             top = cause + (f" writing {full.filename}" if full.filename else "")
         top = top[0].lower() + top[1:]
         return EXIT_FAILURE, f"{top}; {_DISK_FULL_FIX[full.errno]}"
     if isinstance(exc, USAGE_TYPES):
-        return EXIT_USAGE, _first_line(exc)
-    return EXIT_FAILURE, f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"
+        return EXIT_USAGE, one_line(exc)
+    return EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)"
 
 
 # --- one report per failed rank, for a launcher that prints one line for all of them -------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hpctrain.errors import UserError
+from hpctrain.errors import UserError, one_line
 from hpctrain.files import check_json_files
 
 # One of these defines the vocabulary (a fast tokenizer, a sentencepiece model, a BPE/WordPiece vocab).
@@ -24,7 +24,10 @@ def load_tokenizer(model: str):
             raise ValueError(f"{model}: a model file must be .gguf; otherwise pass the HF model directory")
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     check_tokenizer_dir(p)
-    return AutoTokenizer.from_pretrained(str(p))
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - whatever transformers rejects lies in this folder's files
+        raise UserError(f"{p}: transformers cannot load the tokenizer and config: {one_line(e)}") from e
 
 
 def check_tokenizer_dir(p: Path) -> None:

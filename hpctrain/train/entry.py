@@ -119,6 +119,7 @@ def train_from_config(cfg, mode: str) -> int:
     _setup_logging(cfg, rank)
     code = 1
     try:
+        check_inputs(cfg)
         source, valid = build_data(cfg, mode)
         result = loop.run(cfg, source, valid)
         code = result.exit_code
@@ -132,6 +133,22 @@ def train_from_config(cfg, mode: str) -> int:
         _write_status(rank, code)
         dist.destroy()
     return code
+
+
+def check_inputs(cfg) -> None:
+    """Before anything slow starts: a --load / --model that does not exist, or a damaged JSON file
+    (config, tokenizer) next to them, is one line naming the path."""
+    from hpctrain.errors import UserError
+    from hpctrain.files import check_json_files
+    from hpctrain.train.model_setup import find_hf_config
+
+    load_needed = cfg.checkpoint.exit_on_missing_checkpoint
+    for flag, value, needed in (("--load", cfg.model.load, load_needed), ("--model", cfg.model.model, True)):
+        if value and needed and not Path(value).exists():
+            raise UserError(f"{flag} {value}: no such file or directory")
+    hf = find_hf_config(cfg)
+    if hf is not None:
+        check_json_files(hf.parent)
 
 
 def _write_status(rank: int, code: int) -> None:
