@@ -7,16 +7,13 @@ a UserError naming the file, instead of a JSONDecodeError deep inside a library 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from hpctrain.errors import UserError
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -31,15 +28,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via tmp file + fsync + rename (+ fsync of the directory)."""
-    path = Path(path)
-    tmp = _tmp(path)
+@contextlib.contextmanager
+def _via_tmp(path: Path):
+    """Yield a tmp path next to ``path``; renamed onto ``path`` when the body succeeds, removed if not."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -47,19 +41,21 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` via tmp file + fsync + rename (+ fsync of the directory)."""
+    with _via_tmp(Path(path)) as tmp:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """``shutil.copy2(src, dst)`` through a tmp file and a rename."""
-    dst = Path(dst)
-    tmp = _tmp(dst)
-    try:
+    with _via_tmp(Path(dst)) as tmp:
         shutil.copy2(src, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dst.parent)
 
 
 def read_json(path: str | os.PathLike):

@@ -6,7 +6,9 @@ the DP-reshardable form, so a run can resume at another DP size), the LR schedul
 (one object per (PP, TP) rank, DP ranks are replicas) and the training progress (iteration,
 consumed samples). The tracker file is written by rank 0 after every rank has finished writing
 (barrier), atomically; a save that dies half-way leaves the previous tracker, so the previous
-checkpoint stays the latest, and a directory without tracker entry is never loaded.
+checkpoint stays the latest, and a directory without tracker entry is never loaded. A save never
+writes into the tracker's own checkpoint: one of the same iteration is written to ``<iter>.next``
+and swapped in afterwards (``_replace``). Loading reads every pickle through safe_pickle.
 """
 from __future__ import annotations
 

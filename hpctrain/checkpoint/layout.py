@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,8 +120,6 @@ def complete_checkpoint(root: str | os.PathLike) -> CheckpointRef | None:
 def recover(root: str | os.PathLike) -> None:
     """Undo what an interrupted save left in ``root``: put a ``.prev`` checkpoint back under its
     name, drop ``.next`` / ``.prev`` folders that are no longer needed. Rank 0, before a save."""
-    import shutil
-
     root = Path(root)
     ref = complete_checkpoint(root)
     if ref is not None and ref.path.name.endswith(".prev"):

@@ -82,7 +82,7 @@ class SaveLock:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {}  # being written this instant, or damaged: treated as held, never stale
+            return {}  # being written this instant, or left half-written: see _abandoned
 
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from conftest import error_line, save_flags, start_trainer, trainer, wait_for
+from conftest import error_line, hpctrain, save_flags, sft_args, start_trainer, trainer, wait_for
 from hpctrain.checkpoint import lock
 from hpctrain.errors import UserError
 
@@ -44,6 +44,18 @@ def test_lock_released_after_a_stop_signal(tmp_path):
     run.send_signal(signal.SIGUSR1)
     run.communicate(timeout=300)
     assert run.returncode == 42 and not (save / lock.LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_refuse_together_when_rank_0_cannot_take_the_lock(tiny_mcore, tmp_path):
+    """Rank 0 takes the lock and tells the others: every rank stops, one line for all."""
+    save = tmp_path / "save"
+    me = os.getpid()  # a live process on this host holds the lock
+    write_lock(save, host=socket.gethostname(), pid=me, start=lock.process_start(me))
+    p = hpctrain(*sft_args(tiny_mcore[1], save), env={"NPROC_PER_NODE": "2"})
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert f"is in use by another run: host {socket.gethostname()} PID {me}" in error_line(p, "sft")
+    assert json.loads((save / lock.LOCK_NAME).read_text())["pid"] == me  # not taken, not removed
 
 
 def write_lock(folder, **holder):
