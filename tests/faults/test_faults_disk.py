@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from conftest import TOKENIZER, error_line, hpctrain, save_flags, trainer
+from faultkit import TOKENIZER, error_line, hpctrain, save_flags, trainer
 from hpctrain.checkpoint import layout
 from hpctrain.checkpoint.convert_dcp import DcpReader
 

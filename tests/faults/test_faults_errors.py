@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from conftest import error_line, hpctrain, sft_args
+from faultkit import error_line, hpctrain, sft_args
 from hpctrain import errors
 
 pytestmark = pytest.mark.slow

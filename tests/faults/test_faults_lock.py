@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from conftest import error_line, hpctrain, save_flags, sft_args, start_trainer, trainer, wait_for
+from faultkit import error_line, hpctrain, save_flags, sft_args, start_trainer, trainer, wait_for
 from hpctrain.checkpoint import lock
 from hpctrain.errors import UserError
 

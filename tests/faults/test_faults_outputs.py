@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, _env, error_line, hpctrain, sft_args
+from faultkit import ROOT, _env, error_line, hpctrain, sft_args
 from hpctrain.checkpoint import layout
 from hpctrain.checkpoint.export import run as export
 from hpctrain.checkpoint.reshard import run as reshard

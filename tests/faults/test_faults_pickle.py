@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import error_line, hpctrain, sft_args
+from faultkit import error_line, hpctrain, sft_args
 from crafted import KINDS, Payload, craft
 from hpctrain.checkpoint import layout, safe_pickle
 from hpctrain.errors import UserError

@@ -5,7 +5,7 @@ NUL, the other C0 controls and DEL, naming the key; setup lines (shell code by d
 values (quoted) refuse NUL only."""
 import pytest
 
-from conftest import error_line, hpctrain
+from faultkit import error_line, hpctrain
 from hpctrain.config.sections import SlurmConfig
 from hpctrain.errors import UserError
 from hpctrain.launch.render import LINE_KEYS, executor_params, render_script

@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from conftest import losses, save_flags, start_trainer, trainer, wait_for
+from faultkit import losses, save_flags, start_trainer, trainer, wait_for
 from hpctrain.checkpoint import layout
 from hpctrain.checkpoint.convert_dcp import DcpReader
 
