@@ -234,15 +234,7 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
             return
         if t.manual_gc:
             gc.collect()
-        try:
-            last_ckpt = str(save_checkpoint(save_dir, progress, chunks, opt, sched,
-                                            save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng))
-        except BaseException as e:  # torch's CheckpointException is a BaseException
-            full = _out_of_space(e, save_dir)
-            if full is None:
-                raise
-            raise OSError(full.errno, f"saving iteration {progress.iteration} to {save_dir} failed: "
-                          f"{full.strerror[0].lower()}{full.strerror[1:]}; {_latest_line(save_dir)}") from e
+        last_ckpt = _save(save_dir, progress, chunks, opt, sched, ck)
         saved_at = progress.iteration
         if info.is_main:
             log.info("saved checkpoint %s", last_ckpt)
@@ -253,7 +245,7 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
             t0 = time.time()
             try:
                 res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len)
-            except NonFiniteError as e:
+            except NonFiniteError as e:  # say which checkpoint to go back to
                 raise NonFiniteError(f"{e} {nonfinite_advice(save_dir, cfg, progress.iteration + 1)}") from None
             progress.iteration += 1
             progress.consumed_train_samples += t.global_batch_size
@@ -276,6 +268,20 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
         return RunResult(0, progress.iteration, save_dir, losses, last_ckpt)
     finally:
         stop.restore()
+
+
+def _save(save_dir: str, progress, chunks, opt, sched, ck) -> str:
+    """save_checkpoint; a save that ran out of space is one OSError saying so and naming the
+    checkpoint that stays the latest (the failure inside is torch's per-rank CheckpointException)."""
+    try:
+        return str(save_checkpoint(save_dir, progress, chunks, opt, sched,
+                                   save_optim=not ck.no_save_optim, save_rng=not ck.no_save_rng))
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        full = _out_of_space(e, save_dir)
+        if full is None:
+            raise
+        raise OSError(full.errno, f"saving iteration {progress.iteration} to {save_dir} failed: "
+                      f"{full.strerror[0].lower()}{full.strerror[1:]}; {_latest_line(save_dir)}") from e
 
 
 def _out_of_space(e: BaseException, save_dir: str) -> OSError | None:
