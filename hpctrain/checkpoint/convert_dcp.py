@@ -31,6 +31,9 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
                                                   WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from hpctrain.checkpoint import safe_pickle
+from hpctrain.errors import user_error_in
+
 MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
 
@@ -116,6 +119,9 @@ def write_dcp(path: str | os.PathLike, items: Sequence[LazyChunk | LazyBytes],
     try:
         dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(items, on_item), no_dist=True)
     except CheckpointException as e:
+        user = user_error_in(e)  # e.g. a refused object on its way from a source checkpoint
+        if user is not None:
+            raise user from None
         first = next(iter(e.failures.values()), e)
         first = getattr(first, "exception", first)
         raise RuntimeError(f"writing the checkpoint {path} failed: {first!r} (the checkpoint is "
@@ -157,12 +163,14 @@ class _BoxLoadPlanner(LoadPlanner):
 
 
 class DcpReader:
-    """Random access to the tensors of one torch_dist checkpoint directory."""
+    """Random access to the tensors of one torch_dist checkpoint directory. Its pickles (the
+    metadata, byte objects) are read through safe_pickle: a crafted file is refused, never run."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not (self.path / ".metadata").is_file():
             raise FileNotFoundError(f"{self.path} is not a torch_dist checkpoint (no .metadata file)")
+        safe_pickle.install()
         self.reader = dcp.FileSystemReader(str(self.path))
         self.metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, True)
@@ -248,7 +256,7 @@ class DcpReader:
 
     def _load_chunk_file(self, f: Path, key: str, shape: tuple, mmap: bool) -> torch.Tensor:
         """The tensor a whole-file chunk holds, checked against the metadata's shape and dtype."""
-        t = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        t = safe_pickle.load_torch(f, mmap=mmap)
         if tuple(t.shape) != tuple(shape) or t.dtype != self.dtype(key):
             raise ValueError(f"{f}: holds {tuple(t.shape)} {t.dtype}, the metadata says {tuple(shape)} "
                              f"{self.dtype(key)} for {key}: the checkpoint is damaged")
@@ -271,6 +279,8 @@ class DcpReader:
         return t
 
     def read_bytes(self, key: str) -> io.BytesIO:
+        """The stored bytes of object ``key``, after checking that they unpickle with the
+        restricted loader (so a copy never carries a payload on)."""
         md = self.metadata.state_dict_metadata.get(key)
         if not isinstance(md, BytesStorageMetadata):
             raise KeyError(f"{self.path}: no object {key!r} in the checkpoint")
@@ -281,6 +291,8 @@ class DcpReader:
                         storage_offsets=torch.Size(()), lengths=torch.Size(()))
         planner = _BoxLoadPlanner(None, ())
         self.reader.read_data(LoadPlan([item]), planner).wait()
+        info = self.metadata.storage_data[item.storage_index]
+        safe_pickle.check_torch_bytes(planner.bytes, f"{self.path / info.relative_path} (object {key})")
         return planner.bytes
 
     def nbytes(self) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ import torch
 
 from hpctrain.checkpoint import convert_dcp as cd
 from hpctrain.checkpoint import hf_io, layout
+from hpctrain.checkpoint.output import staged_output
+from hpctrain.files import check_json_files
 from hpctrain.model.build import model_args_from_hf
 from hpctrain.model.families import family_by_name, read_config_json, with_dtype
 from hpctrain.model.families.base import Geometry, is_layer_rule, layer_name
@@ -41,17 +42,6 @@ def geometry(args: dict[str, Any]) -> Geometry:
                     head_dim=args["kv_channels"], ffn_hidden_size=args["ffn_hidden_size"],
                     vocab_size=args["vocab_size"], padded_vocab_size=args["padded_vocab_size"],
                     tied=not args["untie_embeddings_and_output_weights"])
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse a dir that already holds a checkpoint unless ``overwrite``; then clear it."""
-    if layout.holds_checkpoint(out) or (out.exists() and any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds files (a checkpoint?); pass --overwrite true "
-                                  "to replace it or choose another --output_dir")
-        layout.tracker_path(out).unlink(missing_ok=True)  # first: never looks complete meanwhile
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _check_names(src, rules, g: Geometry) -> None:
@@ -113,27 +103,34 @@ def open_source(model: str, dtype: torch.dtype | None):
     return read_config_json(cfg_path), hf_io.HfSafetensors(model), None
 
 
+def source_files(model: str) -> list[Path]:
+    """The files conversion reads from ``model`` (an output folder must not be or hold them)."""
+    p = Path(model)
+    return [p] if p.is_file() else [f for f in p.iterdir() if f.is_file()] if p.is_dir() else []
+
+
 def hf_to_mcore(model: str, output_dir: str, torch_dtype: str | None = None,
                 overwrite: bool = False, progress: bool = True, tp: int = 1) -> layout.CheckpointRef:
-    """Convert; returns the written checkpoint. The tracker file is written last. The embedding has
-    the vocabulary's rows, padded only where ``tp`` does not divide it (``mcore_config.padded_vocab``)."""
+    """Convert; returns the written checkpoint. The embedding has the vocabulary's rows, padded only
+    where ``tp`` does not divide it (``mcore_config.padded_vocab``). The output is built aside and
+    renamed into place when complete (checkpoint/output.py); inside it the tracker file is written last."""
     dtype = DTYPES[torch_dtype] if torch_dtype else None
+    check_json_files(model)
     cfg, src, tok = open_source(model, dtype)
     where = str(hf_io.find_gguf(model) or Path(model) / "config.json")
     args = model_args_from_hf(cfg, tp=tp, where=where)
-    out = Path(output_dir)
-    prepare_output(out, overwrite)
-    items = plan_items(src, args, dtype)
-    bar = Progress(len(items), "to_mcore", "tensors", enabled=progress)
-    cd.write_dcp(out / layout.RELEASE, items, common={}, on_item=lambda it: bar.update(1))
-    bar.close()
-    out_cfg = with_dtype(cfg, dtype or items[0].dtype)
-    (out / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True))
-    if tok is not None:
-        tok.save_pretrained(str(out))
-    else:
-        hf_io.copy_tokenizer_files(model, out)
-    (out / "args.json").write_text(json.dumps({"model": args, "source": str(model)}, indent=2,
-                                              sort_keys=True, default=str))
-    layout.write_tracker(out, layout.RELEASE)
-    return layout.require_latest(out)
+    with staged_output(output_dir, overwrite, source_files(model)) as out:
+        items = plan_items(src, args, dtype)
+        bar = Progress(len(items), "to_mcore", "tensors", enabled=progress)
+        cd.write_dcp(out / layout.RELEASE, items, common={}, on_item=lambda it: bar.update(1))
+        bar.close()
+        out_cfg = with_dtype(cfg, dtype or items[0].dtype)
+        (out / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True))
+        if tok is not None:
+            tok.save_pretrained(str(out))
+        else:
+            hf_io.copy_tokenizer_files(model, out)
+        (out / "args.json").write_text(json.dumps({"model": args, "source": str(model)}, indent=2,
+                                                  sort_keys=True, default=str))
+        layout.write_tracker(out, layout.RELEASE)
+    return layout.require_latest(output_dir)

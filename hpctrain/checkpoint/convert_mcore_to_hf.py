@@ -14,8 +14,10 @@ import torch
 
 from hpctrain.checkpoint import hf_io, layout
 from hpctrain.checkpoint.convert_dcp import DcpReader
-from hpctrain.checkpoint.convert_hf_to_mcore import geometry, prepare_output
+from hpctrain.checkpoint.convert_hf_to_mcore import geometry
 from hpctrain.checkpoint.locate import model_args_from_checkpoint
+from hpctrain.checkpoint.output import staged_output
+from hpctrain.files import check_json_files
 from hpctrain.model.families import family_by_name, read_config_json, with_dtype
 from hpctrain.model.families.base import is_layer_rule, layer_name
 from hpctrain.model.mcore_config import DTYPES
@@ -62,23 +64,26 @@ def iter_hf_from_mcore(reader: DcpReader, args: dict, dtype: torch.dtype | None 
 def mcore_to_hf(mcore_model: str, output_dir: str, torch_dtype: str | None = None,
                 overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
                 progress: bool = True) -> Path:
-    """Convert the latest complete checkpoint under ``mcore_model`` to an HF model dir."""
+    """Convert the latest complete checkpoint under ``mcore_model`` to an HF model dir. The output
+    is built aside and renamed into place when complete (checkpoint/output.py): a run killed
+    half-way never leaves a folder that looks like a model (e.g. config.json without tokenizer)."""
     ref = layout.require_latest(mcore_model)
+    check_json_files(ref.root)
     args = model_args_from_checkpoint(ref.root)
     reader = DcpReader(ref.path)
     dtype = DTYPES[torch_dtype] if torch_dtype else None
-    out = Path(output_dir)
-    prepare_output(out, overwrite)
-    bar = Progress(args["num_layers"], "to_hf", "layers", enabled=progress)
-    hf_io.write_safetensors_shards(out, iter_hf_from_mcore(reader, args, dtype, bar), max_shard_bytes)
-    bar.close()
-    cfg = with_dtype(read_config_json(ref.root / "config.json"),
-                     dtype or reader.dtype("embedding.word_embeddings.weight"))
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    hf_io.copy_tokenizer_files(ref.root, out)
-    if not (out / "generation_config.json").is_file():
-        _write_generation_config(cfg, out)
-    return out
+    inputs = [ref.path] + [f for f in ref.root.iterdir() if f.is_file()]
+    with staged_output(output_dir, overwrite, inputs) as out:
+        bar = Progress(args["num_layers"], "to_hf", "layers", enabled=progress)
+        hf_io.write_safetensors_shards(out, iter_hf_from_mcore(reader, args, dtype, bar), max_shard_bytes)
+        bar.close()
+        cfg = with_dtype(read_config_json(ref.root / "config.json"),
+                         dtype or reader.dtype("embedding.word_embeddings.weight"))
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        hf_io.copy_tokenizer_files(ref.root, out)
+        if not (out / "generation_config.json").is_file():
+            _write_generation_config(cfg, out)
+    return Path(output_dir)
 
 
 def _write_generation_config(cfg: dict, out: Path) -> None:

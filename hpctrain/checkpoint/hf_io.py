@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+
+from hpctrain.errors import disk_full_in
+from hpctrain.files import copy_atomic
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "tokenizer.model", "chat_template.jinja",
@@ -182,14 +184,27 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None):
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer / generation files that exist in ``src`` to ``dst``."""
+    """Copy the tokenizer / generation files that exist in ``src`` to ``dst`` (each atomically)."""
     copied = []
     for name in TOKENIZER_FILES:
         p = Path(src) / name
         if p.is_file():
-            shutil.copy2(p, Path(dst) / name)
+            copy_atomic(p, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def _save_shard(tensors: dict, path: Path) -> None:
+    """safetensors' save_file; its SafetensorError for a full disk becomes an OSError naming the file."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as e:  # noqa: BLE001 - SafetensorError carries the OS error only as text
+        full = disk_full_in(e)
+        if full is not None:
+            raise OSError(full.errno, os.strerror(full.errno), str(path)) from None
+        raise
 
 
 def write_safetensors_shards(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]],
@@ -198,8 +213,6 @@ def write_safetensors_shards(out_dir: str | os.PathLike, tensors: Iterable[tuple
 
     At most one shard's tensors are held at a time. Returns the shard file names.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     tmp_names, weight_map, total, buf, size = [], {}, 0, {}, 0
 
@@ -208,7 +221,7 @@ def write_safetensors_shards(out_dir: str | os.PathLike, tensors: Iterable[tuple
         if not buf:
             return
         name = f"shard-{len(tmp_names):05d}.tmp"
-        save_file(buf, str(out / name), metadata={"format": "pt"})
+        _save_shard(buf, out / name)
         for k in buf:
             weight_map[k] = name
         tmp_names.append(name)

@@ -6,7 +6,9 @@ the DP-reshardable form, so a run can resume at another DP size), the LR schedul
 (one object per (PP, TP) rank, DP ranks are replicas) and the training progress (iteration,
 consumed samples). The tracker file is written by rank 0 after every rank has finished writing
 (barrier), atomically; a save that dies half-way leaves the previous tracker, so the previous
-checkpoint stays the latest, and a directory without tracker entry is never loaded.
+checkpoint stays the latest, and a directory without tracker entry is never loaded. A save never
+writes into the tracker's own checkpoint: one of the same iteration is written to ``<iter>.next``
+and swapped in afterwards (``_replace``). Loading reads every pickle through safe_pickle.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from hpctrain.checkpoint import layout
+from hpctrain.checkpoint import layout, safe_pickle
 from hpctrain.checkpoint.match import check_model_matches
+from hpctrain.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +152,21 @@ def _in_process_results_queue() -> None:
 
 def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, scheduler=None,
                     save_optim: bool = True, save_rng: bool = True) -> Path:
-    """Save iteration ``progress.iteration`` under ``root``; returns the iter directory."""
+    """Save iteration ``progress.iteration`` under ``root``; returns the iter directory.
+
+    Never writes into the checkpoint the tracker names: a save of that same iteration goes to
+    ``<iter>.next`` and is swapped in after every rank finished (``_replace``)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     root = Path(root)
-    ckpt = layout.checkpoint_dir(root, progress.iteration)
-    if tdist.get_rank() == 0:
-        latest = layout.complete_checkpoint(root)
-        if ckpt.exists() and (latest is None or latest.path != ckpt):
-            shutil.rmtree(ckpt)  # left over from an interrupted save: never counted as complete
-        ckpt.mkdir(parents=True, exist_ok=latest is not None and latest.path == ckpt)
-    tdist.barrier()
+    final = layout.checkpoint_dir(root, progress.iteration)
+    target = _broadcast_path(_prepare_target(root, final) if tdist.get_rank() == 0 else None)
     state = _model_sharded(chunks)
     content = {"model": True, "optimizer": False, "rng": False}
     if save_optim and optimizer is not None:
         model_sd = _model_sharded(chunks)
+        _ensure_optimizer_state(optimizer)  # fp16 with every step skipped so far has no Adam state yet
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
         content["optimizer"] = True
     if scheduler is not None:  # small, and needed to continue the LR schedule even without optimizer state
@@ -179,16 +181,53 @@ def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, sched
     strategy = get_default_save_sharded_strategy("torch_dist")
     if hasattr(strategy, "thread_count"):
         strategy.thread_count = 1
-    dist_checkpointing.save(state, str(ckpt), sharded_strategy=strategy,
+    dist_checkpointing.save(state, str(target), sharded_strategy=strategy,
                             content_metadata=OPTIM_METADATA)
     tdist.barrier()  # every rank's files are written before the checkpoint is declared complete
-    pause = float(os.environ.get("HPCTRAIN_FAULT_PAUSE_BEFORE_TRACKER", "0") or 0)
-    if pause:  # fault-injection hook for the crash test: a window in which the save is incomplete
-        time.sleep(pause)
+    _fault_pause("BEFORE_TRACKER")  # a window in which the save is incomplete
     if tdist.get_rank() == 0:
+        if target != final:
+            _replace(final, target)
         layout.write_tracker(root, progress.iteration)
     tdist.barrier()
-    return ckpt
+    return final
+
+
+def _prepare_target(root: Path, final: Path) -> Path:
+    """Rank 0: the empty directory this save writes into (``final``, or ``<final>.next`` when
+    ``final`` is the tracker's checkpoint), after undoing what an interrupted save left."""
+    layout.recover(root)
+    latest = layout.complete_checkpoint(root)
+    target = layout.replacement_dirs(final)[0] if latest is not None and latest.path == final else final
+    if target.exists():
+        shutil.rmtree(target)  # left over from an interrupted save: never counted as complete
+    target.mkdir(parents=True)
+    return target
+
+
+def _replace(final: Path, new: Path) -> None:
+    """Swap the complete ``new`` in for ``final`` (the tracker's checkpoint) by two renames. Killed
+    between them, the tracker's checkpoint is ``<final>.prev`` (layout.complete_checkpoint finds
+    it there, layout.recover puts it back); after them, the new one."""
+    prev = layout.replacement_dirs(final)[1]
+    os.rename(final, prev)
+    _fault_pause("IN_REPLACE")
+    os.rename(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(prev)
+
+
+def _fault_pause(stage: str) -> None:
+    """Fault-injection hook for the crash tests: sleep $HPCTRAIN_FAULT_PAUSE_<stage> seconds."""
+    pause = float(os.environ.get(f"HPCTRAIN_FAULT_PAUSE_{stage}", "0") or 0)
+    if pause:
+        time.sleep(pause)
+
+
+def _broadcast_path(path: Path | None) -> Path:
+    obj = [None if path is None else str(path)]
+    tdist.broadcast_object_list(obj, src=0)
+    return Path(obj[0])
 
 
 def _is_distributed_optimizer(optimizer) -> bool:
@@ -203,15 +242,17 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
                     ) -> TrainProgress | None:
     """Load the newest complete checkpoint reachable from ``path`` into ``chunks`` (and, unless
     finetune, the optimizer, scheduler, RNG and progress). Returns None when there is none and
-    ``exit_on_missing`` is False."""
+    ``exit_on_missing`` is False. Its pickles go through safe_pickle: a crafted file is refused."""
     from megatron.core import dist_checkpointing
 
+    safe_pickle.install()
     ref = layout.find_latest(path)
     if ref is None:
         if exit_on_missing:
             layout.require_latest(path)  # raises with the explanation
         log.warning("no complete checkpoint under %s: starting from scratch", path)
         return None
+    safe_pickle.check_checkpoint_dir(ref.path)
     common = dist_checkpointing.load_common_state_dict(str(ref.path))
     meta = common.get("hpctrain", {}) if isinstance(common, dict) else {}
     content = meta.get("content", {"model": True})

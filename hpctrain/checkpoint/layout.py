@@ -20,8 +20,11 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from hpctrain.files import write_atomic  # noqa: F401 - the tracker's writer, also used by others
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -62,26 +65,6 @@ def tracker_path(root: str | os.PathLike) -> Path:
     return Path(root) / TRACKER
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via tmp file + fsync + rename (+ fsync of the directory)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_tracker(root: str | os.PathLike, iteration: int | str) -> Path:
     """Mark ``root/iter_<iteration>`` (or release) complete. Call after every file is on disk."""
     d = checkpoint_dir(root, iteration)
@@ -111,16 +94,39 @@ def read_tracker(root: str | os.PathLike) -> tuple[int, bool] | None:
     return it, False
 
 
+def replacement_dirs(path: Path) -> tuple[Path, Path]:
+    """(``<iter>.next``, ``<iter>.prev``): where a save that replaces the tracker's own checkpoint
+    ``path`` writes the new one, and where the old one waits while the new one is renamed in."""
+    return path.with_name(path.name + ".next"), path.with_name(path.name + ".prev")
+
+
 def complete_checkpoint(root: str | os.PathLike) -> CheckpointRef | None:
-    """The checkpoint ``root``'s tracker points at, if the tracker and that directory exist."""
+    """The checkpoint ``root``'s tracker points at, if the tracker and that directory exist.
+
+    A replacement cut short between its two renames (hpctrain.checkpoint.io) left the tracker's
+    directory under ``<iter>.prev``: that one is complete and is returned."""
     t = read_tracker(root)
     if t is None:
         return None
     it, release = t
     path = checkpoint_dir(root, RELEASE if release else it)
     if not path.is_dir():
-        return None
+        path = replacement_dirs(path)[1]
+        if not path.is_dir():
+            return None
     return CheckpointRef(Path(root), path, it, release)
+
+
+def recover(root: str | os.PathLike) -> None:
+    """Undo what an interrupted save left in ``root``: put a ``.prev`` checkpoint back under its
+    name, drop ``.next`` / ``.prev`` folders that are no longer needed. Rank 0, before a save."""
+    root = Path(root)
+    ref = complete_checkpoint(root)
+    if ref is not None and ref.path.name.endswith(".prev"):
+        os.rename(ref.path, ref.path.with_name(ref.path.name[: -len(".prev")]))
+    for pattern in ("iter_*.next", "iter_*.prev", "release.next", "release.prev"):
+        for d in root.glob(pattern):
+            shutil.rmtree(d)
 
 
 def is_complete(root: str | os.PathLike) -> bool:

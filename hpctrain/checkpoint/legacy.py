@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 
 from hpctrain.checkpoint import convert_dcp as cd
-from hpctrain.checkpoint import layout
+from hpctrain.checkpoint import layout, safe_pickle
 from hpctrain.native import relayout
 
 log = logging.getLogger(__name__)
@@ -253,20 +253,15 @@ def find_rank_files(path: Path) -> tuple[int, int]:
 
 
 def load_rank_file(f: Path, trust_pickle: bool = False) -> dict:
-    """One rank file, memory-mapped (tensors are read when touched), with weights_only=True.
+    """One rank file, memory-mapped (tensors are read when touched), through safe_pickle.load_torch
+    (torch's weights_only unpickler; Megatron-LM's ``args`` Namespace is allowed).
 
-    Megatron-LM stores ``args`` as an argparse.Namespace: allow-listed. Megatron-LM's args can also
-    hold its own enums/classes, which weights_only refuses; ``trust_pickle`` (--trust_pickle) then
-    loads with weights_only=False, which runs code from the file: only for files you trust.
+    Megatron-LM's args can also hold its own enums/classes, which are refused with the global
+    named; ``trust_pickle`` (--trust_pickle) then loads with weights_only=False, which runs code
+    from the file: only for files you trust.
     """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - the pickle error names the offending global
-        if not trust_pickle:
-            raise ValueError(f"{f}: cannot load with weights_only=True ({str(e).splitlines()[0]}); "
-                             "if you trust this file pass --trust_pickle") from e
-        return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    with safe_pickle.trusted(trust_pickle or safe_pickle.is_trusted()):
+        return safe_pickle.load_torch(f, mmap=True)
 
 
 class _RankFiles:

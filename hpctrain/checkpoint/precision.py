@@ -118,14 +118,16 @@ def load_mcore_model(mcore_dir: str, device: torch.device):
     """GPTModel for this rank's TP/PP slice with the checkpoint's weights (fp32)."""
     from megatron.core import dist_checkpointing
 
-    from hpctrain.checkpoint import layout
+    from hpctrain.checkpoint import layout, safe_pickle
     from hpctrain.checkpoint.locate import model_args_from_checkpoint
     from hpctrain.checkpoint.match import check_model_matches
     from hpctrain.model.build import build_gpt_model
 
+    safe_pickle.install()  # a crafted checkpoint is refused, never run
     ref = layout.require_latest(mcore_dir)
     args = model_args_from_checkpoint(ref.root)
     model = build_gpt_model(args, params_dtype=torch.float32)
+    safe_pickle.check_checkpoint_dir(ref.path)
     check_model_matches(ref.path, model.sharded_state_dict())
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ref.path))
     model.load_state_dict(state, strict=False)

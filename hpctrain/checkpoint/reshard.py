@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 
 from hpctrain.checkpoint import convert_dcp as cd
-from hpctrain.checkpoint import layout, legacy
-from hpctrain.checkpoint.convert_hf_to_mcore import prepare_output
+from hpctrain.checkpoint import layout, legacy, safe_pickle
 from hpctrain.checkpoint.formats import find_input
+from hpctrain.checkpoint.output import Flags, staged_output
 from hpctrain.model.mcore_config import check_pp, check_tp
 from hpctrain.progress import Progress
 
@@ -69,7 +69,8 @@ def command_line():
         flag("--no_optim", kind="bool", default=False,
              help="drop optimizer state that cannot be re-laid-out instead of refusing"),
         flag("--trust_pickle", kind="bool", default=False,
-             help="legacy input only: load rank files with weights_only=False if their args need it"),
+             help="load the input's pickles unrestricted (they may run code): only for a checkpoint "
+                  "you trust whose files name classes outside the allow-list (e.g. Megatron-LM args)"),
         flag("--no_progress", kind="bool", default=False, help="no progress lines"),
     ], positionals=[Positional("ckpt", "checkpoint root (or save dir with v<N>-* versions, or an iter_* dir)",
                                config="model.load")])
@@ -84,7 +85,7 @@ def _common(ref: layout.CheckpointRef) -> dict:
     writers), else megatron-core 0.19's common_state object, read by megatron-core itself."""
     f = ref.path / "common.pt"
     if f.is_file():
-        return torch.load(f, map_location="cpu", weights_only=True)
+        return safe_pickle.load_torch(f)
     if any(k.startswith(COMMON_OBJECT) for k in cd.DcpReader(ref.path).keys()):
         from megatron.core import dist_checkpointing
 
@@ -138,30 +139,36 @@ def check_layout(root: Path, src: legacy.Source, tp: int, pp: int) -> dict:
 def reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool = False, progress: bool = True,
             fmt: str = "torch_dist", no_optim: bool = False, trust_pickle: bool = False
             ) -> layout.CheckpointRef:
+    """Re-lay ``ckpt`` out at TP x PP in ``out``. Its pickles are read through safe_pickle (a global
+    outside the allow-list is refused) unless ``trust_pickle``."""
+    with safe_pickle.trusted(trust_pickle):
+        return _reshard(ckpt, tp, pp, out, overwrite, progress, fmt, no_optim)
+
+
+def _reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool, progress: bool, fmt: str,
+             no_optim: bool) -> layout.CheckpointRef:
     ref, kind = find_input(ckpt)
-    src = dist_source(ref) if kind == "torch_dist" else legacy.LegacySource(ref.path, trust_pickle)
+    src = dist_source(ref) if kind == "torch_dist" else legacy.LegacySource(ref.path)
     src.meta.model_args = {**check_layout(ref.root, src, tp, pp), **src.meta.model_args}  # -> legacy args
     drop_optim = _optimizer_policy(ref, kind, src, fmt, tp, pp, no_optim)
-    dst_root = Path(out)
-    if dst_root.resolve() == ref.root.resolve():
-        raise ValueError(f"--out {out} is the input checkpoint's own directory; choose another")
-    prepare_output(dst_root, overwrite)
-    dst = dst_root / ref.path.name
-    if kind == "torch_dist" and fmt == "torch_dist":
-        _dist_to_dist(ref, src, dst, drop_optim, progress)
-    elif fmt == "torch":
-        bar = Progress(tp * pp, "reshard", "rank files", enabled=progress)
-        legacy.write_legacy(src, tp, pp, dst, on_file=lambda: bar.update(1))
-        bar.close()
-        verify_legacy(src, dst, tp, pp)
-    else:
-        _legacy_to_dist(src, dst, progress)
-        verify_sources(src, dist_source(layout.CheckpointRef(dst_root, dst, ref.iteration, ref.release)))
-    for f in ref.root.iterdir():  # config.json, tokenizer, args.json: what goes back to HF / resumes
-        if f.is_file() and f.name != layout.TRACKER:
-            shutil.copy2(f, dst_root / f.name)
-    layout.write_tracker(dst_root, layout.RELEASE if ref.release else ref.iteration)
-    return layout.complete_checkpoint(dst_root)
+    inputs = [ref.path] + [f for f in ref.root.iterdir() if f.is_file()]
+    with staged_output(out, overwrite, inputs, Flags(out="--out", overwrite="--overwrite")) as dst_root:
+        dst = layout.checkpoint_dir(dst_root, layout.RELEASE if ref.release else ref.iteration)
+        if kind == "torch_dist" and fmt == "torch_dist":
+            _dist_to_dist(ref, src, dst, drop_optim, progress)
+        elif fmt == "torch":
+            bar = Progress(tp * pp, "reshard", "rank files", enabled=progress)
+            legacy.write_legacy(src, tp, pp, dst, on_file=lambda: bar.update(1))
+            bar.close()
+            verify_legacy(src, dst, tp, pp)
+        else:
+            _legacy_to_dist(src, dst, progress)
+            verify_sources(src, dist_source(layout.CheckpointRef(dst_root, dst, ref.iteration, ref.release)))
+        for f in ref.root.iterdir():  # config.json, tokenizer, args.json: what goes back to HF / resumes
+            if f.is_file() and f.name != layout.TRACKER:
+                shutil.copy2(f, dst_root / f.name)
+        layout.write_tracker(dst_root, layout.RELEASE if ref.release else ref.iteration)
+    return layout.complete_checkpoint(out)
 
 
 def _optimizer_policy(ref, kind: str, src: legacy.Source, fmt: str, tp: int, pp: int,

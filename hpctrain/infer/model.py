@@ -56,6 +56,10 @@ def load_model_and_tokenizer(model: str, dtype: str = "float32", device: str | N
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not kwargs:  # an HF directory (a GGUF file carries its own tokenizer)
+        from hpctrain.data.tokenizer import check_tokenizer_dir
+
+        check_tokenizer_dir(path)
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     mdl = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,11 @@
 ``executor_params`` maps the [slurm] section onto submitit's SlurmExecutor parameters;
 ``render_script`` is the exact sbatch script submitit will submit (submitit's own pure renderer),
 golden-file tested. Every user-supplied value is shell-quoted: submitit quotes ``#SBATCH`` values
-and the srun line, and the setup lines we add quote values with shlex.quote.
+and the srun line, and the setup lines we add quote values with shlex.quote. Quoting does not stop a
+newline from ending an ``#SBATCH`` comment line (the rest would run as a shell line), so values that
+land on one - job_name, partition, account, qos, constraint, mem, time, folder, every extra_sbatch
+entry - refuse control characters (newline, CR, NUL, the other C0 controls, DEL), naming the key.
+``setup`` lines are shell code by design and env values are quoted, so those only refuse NUL.
 """
 from __future__ import annotations
 
@@ -14,10 +18,27 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
+from hpctrain.errors import UserError
+
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\0": "a NUL byte", "\t": "a tab"}
+LINE_KEYS = ("job_name", "partition", "account", "qos", "constraint", "mem", "time", "folder")
 # Variables forwarded from the submitting shell into the job (NCCL tuning, debugging).
 PASSTHROUGH_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "NVSHMEM_", "TORCH_SYMM_MEM_")
+
+
+def check_value(key: str, value: Any, only_nul: bool = False) -> None:
+    """Refuse a control character in [slurm] ``key``'s value (only NUL where ``only_nul``)."""
+    text = str(value)
+    m = re.search("\x00", text) if only_nul else _CONTROL.search(text)
+    if m:
+        what = _CONTROL_NAMES.get(m.group(), f"the control character U+{ord(m.group()):04X}")
+        why = ("a shell script cannot carry it; remove it" if only_nul else
+               "a newline would end the #SBATCH line and start a shell command; write the value on one "
+               "line of printable text")
+        raise UserError(f"[slurm] {key} = {text!r} contains {what}: {why}")
 
 
 def parse_time_minutes(value: str | int | None) -> int | None:
@@ -41,6 +62,7 @@ def extra_sbatch_params(lines: Sequence[str]) -> dict[str, Any]:
     """["--reservation=x", "--requeue", "--mail-type END"] -> {"reservation": "x", "requeue": True, ...}."""
     out: dict[str, Any] = {}
     for raw in lines:
+        check_value("extra_sbatch entry", raw)
         text = raw.strip()
         if text.startswith("#SBATCH"):
             text = text[len("#SBATCH"):].strip()
@@ -61,14 +83,20 @@ def setup_lines(slurm: Any, requeue_signal: str, environ: Mapping[str, str] = {}
     for key, value in slurm.env.items():
         if not _ENV_NAME.match(str(key)):
             raise ValueError(f"[slurm] env key {key!r} is not a valid environment variable name")
+        check_value(f"env.{key}", value, only_nul=True)
         lines.append(f"export {key}={shlex.quote(str(value))}")
     # The user's setup commands are shell code by design (e.g. 'module load cuda/12.4').
+    for cmd in slurm.setup:
+        check_value("setup entry", cmd, only_nul=True)
     return lines + [str(cmd) for cmd in slurm.setup]
 
 
 def executor_params(slurm: Any, nodes: int, gpus_per_node: int, launcher: str = "srun", use_gpus: bool = True,
                     requeue_signal: str = "USR1", environ: Mapping[str, str] = {}) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for a job of ``nodes`` x ``gpus_per_node`` processes."""
+    for key in LINE_KEYS:
+        if getattr(slurm, key, None) is not None:
+            check_value(key, getattr(slurm, key))
     tasks = 1 if launcher == "torchrun" else gpus_per_node
     params: dict[str, Any] = {
         "job_name": slurm.job_name, "nodes": nodes, "ntasks_per_node": tasks,

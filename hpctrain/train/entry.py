@@ -57,13 +57,19 @@ def _run(argv: list[str], mode: str) -> int:
 
 
 def spawn_torchrun(cfg, argv: list[str], mode: str, nproc: int) -> int:
-    """Re-run this command under torchrun; no shell: user strings are passed as argv items."""
+    """Re-run this command under torchrun; no shell: user strings are passed as argv items.
+
+    The ranks hand a failure line over in $HPCTRAIN_ERROR_DIR instead of printing it, and torchrun
+    runs without its own report (quiet_torchrun): one line for the failure, not one per rank plus
+    torchrun's traceback. --debug keeps everything (plain torchrun, every rank's traceback)."""
+    from hpctrain import errors
     from hpctrain.train.dist import _free_port
 
     la = cfg.launch
     # One node and no port given: a free local port (a fixed default collides with other jobs).
     port = la.master_port or (_free_port() if (la.nnodes or 1) == 1 else 29500)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+    runner = "torch.distributed.run" if errors.debug_enabled() else "hpctrain.train.quiet_torchrun"
+    cmd = [sys.executable, "-m", runner, f"--nproc_per_node={nproc}",
            f"--nnodes={la.nnodes or 1}", f"--node_rank={la.node_rank or 0}",
            f"--master_addr={la.master_addr or '127.0.0.1'}", f"--master_port={port}",
            "-m", "hpctrain.cli", mode, *argv]
@@ -74,22 +80,36 @@ def spawn_torchrun(cfg, argv: list[str], mode: str, nproc: int) -> int:
     with tempfile.TemporaryDirectory(prefix="hpctrain-") as tmp:
         status = Path(tmp) / "status"
         env["HPCTRAIN_STATUS_FILE"] = str(status)
-        proc = subprocess.Popen(cmd, env=env)
-        # torchrun forwards SIGTERM to its workers but not SIGUSR1: turn either into SIGTERM for it.
-        # (Its grace period before SIGKILL is ~30 s; a save cut short leaves the previous checkpoint.)
-        previous = {s: signal.signal(s, lambda *_: proc.send_signal(signal.SIGTERM))
-                    for s in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            rc = proc.wait()
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        if not errors.debug_enabled():
+            env[errors.REPORT_DIR_ENV] = tmp
+        rc = _run_torchrun(cmd, env)
+        failure = errors.read_report(tmp)
+        if failure is not None:
+            where = f" (rank {failure['rank']})" if failure["rank"] else ""
+            print(f"hpctrain {mode}{where}: {failure['line']}", file=sys.stderr)
+            return int(failure["code"])
         if status.is_file():
             return int(status.read_text().strip() or rc)
+        if rc:
+            print(f"hpctrain {mode}: a training process ended with exit status {rc} without a report "
+                  "(killed, out of memory?); rerun with --debug for torchrun's report", file=sys.stderr)
         return rc
+
+
+def _run_torchrun(cmd: list[str], env: dict) -> int:
+    proc = subprocess.Popen(cmd, env=env)
+    # torchrun forwards SIGTERM to its workers but not SIGUSR1: turn either into SIGTERM for it.
+    # (Its grace period before SIGKILL is ~30 s; a save cut short leaves the previous checkpoint.)
+    previous = {s: signal.signal(s, lambda *_: proc.send_signal(signal.SIGTERM))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _setup_logging(cfg, rank: int) -> None:
@@ -108,14 +128,16 @@ def train_from_config(cfg) -> int:
     _setup_logging(cfg, rank)
     code = 1
     try:
+        check_inputs(cfg)
         model = model_source.fill_model_fields(cfg)  # before the data: the tokenizer is checked against it
         source, valid = build_data(cfg, cfg.train.mode, model)
         result = loop.run(cfg, source, valid, model)
         code = result.exit_code
-        if rank == 0:
+        if rank == 0 and result.save_dir:
             log.info("training finished at iteration %d; checkpoints in %s", result.iteration, result.save_dir)
     except NonFiniteError as e:
-        log.error("%s", e)
+        if rank == 0:  # every rank stops on the same (all-reduced) value: one line
+            log.error("%s", e)
         code = EXIT_NONFINITE
     except ConfigError:  # found once the data / checkpoint are known (e.g. a changed LR schedule on resume)
         code = EXIT_CONFIG  # the CLI prints the one line; torchrun's parent returns this code
@@ -124,6 +146,22 @@ def train_from_config(cfg) -> int:
         _write_status(rank, code)
         dist.destroy()
     return code
+
+
+def check_inputs(cfg) -> None:
+    """Before anything slow starts: a --load / --model that does not exist, or a damaged JSON file
+    (config, tokenizer) next to them, is one line naming the path."""
+    from hpctrain.errors import UserError
+    from hpctrain.files import check_json_files
+    from hpctrain.train.model_source import find_hf_config
+
+    load_needed = cfg.checkpoint.exit_on_missing_checkpoint
+    for flag, value, needed in (("--load", cfg.model.load, load_needed), ("--model", cfg.model.model, True)):
+        if value and needed and not Path(value).exists():
+            raise UserError(f"{flag} {value}: no such file or directory")
+    hf = find_hf_config(cfg)
+    if hf is not None:
+        check_json_files(hf.parent)
 
 
 def _write_status(rank: int, code: int) -> None:

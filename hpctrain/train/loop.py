@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,14 @@ import torch.distributed as tdist
 
 from hpctrain.checkpoint import formats, layout
 from hpctrain.checkpoint.io import TrainProgress
-from hpctrain.train import cuda_graph, dist, hf_init, metrics, model_setup, model_source, optim, step
+from hpctrain.checkpoint.lock import SaveLock
+from hpctrain.errors import UserError, disk_full_in
+from hpctrain.files import copy_atomic, space_problem, tree_bytes
+from hpctrain.train import children, cuda_graph, dist, hf_init, metrics, model_setup, model_source, optim, step
 from hpctrain.train.logger import TrainLogger
 from hpctrain.train.profiling import StepProfiler
 from hpctrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
+from hpctrain.train.step import NonFiniteError
 
 log = logging.getLogger("hpctrain.train")
 
@@ -107,7 +110,7 @@ def _copy_hf_files(cfg, root: Path, hf_files: Path | None) -> None:
     for name in HF_FILES:
         f = src / name
         if f.is_file() and not (root / name).exists():
-            shutil.copy2(f, root / name)
+            copy_atomic(f, root / name)  # a run killed mid-copy leaves no truncated file to copy on
     if (root / "config.json").is_file():  # the run's weights are in the dtype it trains in
         from hpctrain.model.families import read_config_json, with_dtype
 
@@ -170,8 +173,36 @@ def _pad_multiple(cfg) -> int:
 def run(cfg, source: Callable, valid: Callable | None = None,
         model: model_source.ModelSource | None = None) -> RunResult:
     """Train; returns exit code 0 (done) or REQUEUE_EXIT_CODE (stopped on a signal after saving).
-    ``model``: what ``model_source.fill_model_fields(cfg)`` returned, when the caller already ran it."""
+    ``model``: what ``model_source.fill_model_fields(cfg)`` returned, when the caller already ran it.
+    The save folder is locked for the run (checkpoint/lock.py): a second run on it refuses."""
     info = dist.init_distributed(cfg)
+    children.die_with_parent()  # megatron's checkpoint writers and data workers end with us
+    lock = _lock_save_folder(cfg)
+    try:
+        return _run(cfg, source, valid, info, model)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_save_folder(cfg) -> SaveLock | None:
+    """Rank 0 takes the lock of --save; every rank raises the refusal (so none trains alone)."""
+    if not cfg.checkpoint.save:
+        return None
+    lock, refusal = None, None
+    if tdist.get_rank() == 0:
+        lock = SaveLock(cfg.checkpoint.save)
+        try:
+            lock.acquire()
+        except UserError as e:
+            refusal = str(e)
+    refusal = _broadcast_str(refusal)
+    if refusal:
+        raise UserError(refusal)
+    return lock
+
+
+def _run(cfg, source: Callable, valid: Callable | None, info, model) -> RunResult:
     p = cfg.parallel
     dp = dist.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   p.context_parallel_size, p.virtual_pipeline_model_parallel_size,
@@ -188,6 +219,12 @@ def run(cfg, source: Callable, valid: Callable | None = None,
     chunks, opt, tcfg = setup(cfg, info)
     sched = optim.build_scheduler(cfg, opt, cfg.train.train_iters or iters)
     progress, scratch = _start_weights(cfg, model, chunks, opt, sched)
+    if progress.iteration >= iters:  # e.g. requeued after the last iteration's save: nothing to add
+        hf_init.cleanup(scratch)
+        if info.is_main:
+            log.info("nothing to train: the checkpoint is at iteration %d of %d; exiting without saving",
+                     progress.iteration, iters)
+        return RunResult(0, progress.iteration, None, [], None)
     try:
         save_dir = prepare_save_dir(cfg, scratch)
     finally:
@@ -197,7 +234,7 @@ def run(cfg, source: Callable, valid: Callable | None = None,
         return _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters,
                      save_dir, logger, graph)
     finally:
-        logger.close()
+        _close_logs(logger)
         if cfg.train.manual_gc:
             gc.enable()
 
@@ -209,6 +246,15 @@ def _start_weights(cfg, model, chunks, opt, sched) -> tuple[TrainProgress, Path 
     if model.weights == "hf":
         return TrainProgress(), hf_init.load_hf_weights(cfg, chunks, opt, sched)
     return TrainProgress(), None
+
+
+def _close_logs(logger) -> None:
+    """Flush TensorBoard, draw the loss curve: a failure here (a full disk) is a warning, never the
+    error a user sees instead of the one that stopped the run."""
+    try:
+        logger.close()
+    except Exception as e:  # noqa: BLE001 - the logs are secondary to the run's own outcome
+        log.warning("could not finish the training logs: %s", str(e).splitlines()[0] if str(e) else e)
 
 
 def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters, save_dir, logger, graph=None):
@@ -229,7 +275,7 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
         if t.manual_gc:
             gc.collect()
         t0 = time.time()
-        last_ckpt = str(formats.save(cfg, save_dir, progress, chunks, opt, sched))
+        last_ckpt = _save(cfg, save_dir, progress, chunks, opt, sched)
         saved_at = progress.iteration
         logger.timers(progress.iteration, {"save": time.time() - t0})
         if info.is_main:
@@ -241,8 +287,11 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
             mbs = source(progress.consumed_train_samples, n_micro, t.micro_batch_size)
             prof.before(progress.iteration + 1)
             t0 = time.time()
-            res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad, same_len,
-                                  row_len, graph)
+            try:
+                res = step.train_step(chunks, opt, sched, mbs, info.device, progress.iteration + 1, pad,
+                                      same_len, row_len, graph)
+            except NonFiniteError as e:  # say which checkpoint to go back to
+                raise NonFiniteError(f"{e} {nonfinite_advice(save_dir, cfg, progress.iteration + 1)}") from None
             step_time = time.time() - t0
             progress.iteration += 1
             prof.after(progress.iteration)
@@ -277,4 +326,68 @@ def _evaluate(cfg, chunks, valid, info, pads, same_len, logger, it, n_micro):
     if not mbs:
         return
     loss, _ = step.eval_step(chunks, mbs, info.device, pads[0], same_len, pads[1])
+    logger.eval(it, loss)
+
+
+def _save(cfg, save_dir: str, progress, chunks, opt, sched) -> str:
+    """The checkpoint in cfg's format (checkpoint/formats.py); a save that ran out of space is one
+    OSError saying so and naming the checkpoint that stays the latest (the failure inside is torch's
+    per-rank CheckpointException)."""
+    try:
+        return str(formats.save(cfg, save_dir, progress, chunks, opt, sched))
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        full = _out_of_space(e, save_dir)
+        if full is None:
+            raise
+        raise OSError(full.errno, f"saving iteration {progress.iteration} to {save_dir} failed: "
+                      f"{full.strerror[0].lower()}{full.strerror[1:]}; {_latest_line(save_dir)}") from e
+
+
+def _out_of_space(e: BaseException, save_dir: str) -> OSError | None:
+    """The full disk (or file-size limit) behind a failed save, if that is what it was. torch's zip
+    writer loses the OS error ('unexpected pos 704 vs 598'), so the space left is checked too,
+    against what the previous checkpoint of this run takes (64 MiB without one)."""
+    full = disk_full_in(e)
+    if full is not None:
+        return OSError(full.errno, os.strerror(full.errno) + (f" ({full.filename})" if full.filename else ""),
+                       full.filename)
+    ref = layout.complete_checkpoint(save_dir)
+    return space_problem(save_dir, tree_bytes(ref.path) if ref is not None else 64 * 2**20)
+
+
+def _latest_line(save_dir: str) -> str:
+    ref = layout.complete_checkpoint(save_dir)
+    if ref is None:
+        return f"{save_dir} holds no complete checkpoint yet"
+    return f"the latest complete checkpoint is still {ref.path} (iteration {ref.iteration})"
+
+
+def nonfinite_advice(save_dir: str | None, cfg, bad_iteration: int) -> str:
+    """Which checkpoint to resume from after a non-finite loss/grad norm at ``bad_iteration``.
+
+    The value at iteration k comes from the weights after step k-1: a checkpoint saved at k-1
+    already holds them (with save_interval 1, always), so resuming from it repeats the failure."""
+    ref = layout.complete_checkpoint(save_dir) if save_dir else None
+    if ref is None:
+        start = f"; the run started from {cfg.model.load}" if cfg.model.load else ""
+        return f"No checkpoint of this run was saved before it{start}."
+    where = f"{ref.path} (iteration {ref.iteration})"
+    if ref.iteration != bad_iteration - 1:
+        return (f"The last checkpoint saved before it is {where}: resume from it (--load {ref.root}), "
+                "perhaps with a lower --lr.")
+    earlier = [d for it, d in layout.iteration_dirs(ref.root) if it < ref.iteration and layout.find_latest(d)]
+    alt = (f"resume from an earlier one, e.g. --load {earlier[-1]}" if earlier else
+           f"no earlier checkpoint is left in {ref.root}")
+    return (f"Warning: the last checkpoint saved before it, {where}, already holds the weights that "
+            f"produced this value (updated by iteration {ref.iteration}'s step): resuming from it "
+            f"repeats the failure; {alt}, perhaps with a lower --lr.")
+
+
+def _evaluate(cfg, chunks, valid, info, pad, same_len, logger, it, n_micro):
+    # eval_iters counts global batches, as in Megatron-LM: each is n_micro micro-batches per DP rank.
+    n = cfg.eval.eval_iters
+    mbs = valid(n * n_micro if n and n > 0 else None, cfg.train.micro_batch_size)
+    if not mbs:
+        return
+    loss, _ = step.eval_step(chunks, mbs, info.device, pad, same_len)
     logger.eval(it, loss)

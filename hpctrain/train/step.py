@@ -208,11 +208,9 @@ def train_step(chunks, optimizer, scheduler, microbatches, device, iteration: in
     from megatron.core import parallel_state as ps
     seq *= ps.get_data_parallel_world_size()
     if not math.isfinite(loss):
-        raise NonFiniteError(f"iteration {iteration}: loss is {loss} (non-finite); stopping. "
-                             "The last good checkpoint stays the latest.")
+        raise NonFiniteError(f"iteration {iteration}: loss is {loss} (non-finite); stopping.")
     if update_ok and grad_norm is not None and not math.isfinite(grad_norm):
-        raise NonFiniteError(f"iteration {iteration}: grad norm is {grad_norm} (non-finite); stopping. "
-                             "The last good checkpoint stays the latest.")
+        raise NonFiniteError(f"iteration {iteration}: grad norm is {grad_norm} (non-finite); stopping.")
     return StepResult(loss, tokens, seq, grad_norm, bool(update_ok), lr)
 
 

@@ -84,7 +84,7 @@ def test_existing_output_needs_overwrite(tiny_models, tmp_path, capsys):
 
 
 def test_interrupted_conversion_never_complete(tiny_models, tmp_path, monkeypatch):
-    """A conversion that dies mid-write leaves no tracker: never picked up as a checkpoint."""
+    """A conversion that dies mid-write leaves nothing under the output's name: never picked up."""
     real = h2m.plan_items
 
     def failing(*a, **k):
@@ -98,7 +98,7 @@ def test_interrupted_conversion_never_complete(tiny_models, tmp_path, monkeypatc
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated"):
         h2m.hf_to_mcore(str(tiny_models("qwen2")), str(out), progress=False)
-    assert (out / "release").is_dir() and not (out / layout.TRACKER).exists()
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # built aside, removed on failure
     assert layout.find_latest(out) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         layout.require_latest(out)

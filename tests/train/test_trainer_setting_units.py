@@ -8,7 +8,7 @@ import pytest
 from trainer_worker import TINY
 
 from hpctrain.config import load_config
-from hpctrain.train import dist, model_setup
+from hpctrain.train import dist, model_setup, model_source
 
 QWEN2_SHAPE = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 2,
                "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -22,7 +22,7 @@ def transformer_config(*flags, config_json=None, tmp_path=None):
         (tmp_path / "config.json").write_text(json.dumps(config_json))
         argv += ["--model", str(tmp_path)]
     cfg = load_config(None, argv, mode="sft", environ={})
-    model_setup.fill_model_fields(cfg)
+    model_source.fill_model_fields(cfg)
     return model_setup.transformer_config(cfg, "cpu")
 
 
