@@ -106,7 +106,8 @@ setup(
         # GGUF input (e.g. the SmolLM2 demo model) is dequantised by transformers.
         "gguf": ["gguf", "accelerate"],
         # Test tools. The CI versions (torch==2.13.0 CPU, ...) are pinned in tools/constraints-ci.txt.
-        "dev": ["pytest>=8", "hypothesis", "binpacking", "pandas", "build", "matplotlib>=3.7", "gguf", "accelerate"],
+        "dev": ["pytest>=8", "hypothesis", "binpacking", "pandas", "build", "matplotlib>=3.7", "gguf", "accelerate",
+                "peft>=0.13,<1"],
     },
     entry_points={"console_scripts": ["hpctrain=hpctrain.cli:main"]},
 )

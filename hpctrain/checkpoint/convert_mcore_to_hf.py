@@ -25,8 +25,9 @@ from hpctrain.progress import Progress
 
 
 def iter_hf_from_mcore(reader: DcpReader, args: dict, dtype: torch.dtype | None = None,
-                       bar=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs in HF order: embeddings, layer by layer, final norm, lm_head."""
+                       bar=None, merge=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs in HF order: embeddings, layer by layer, final norm, lm_head.
+    ``merge(key, layer, tensor)``: applied to each layer tensor first (LoRA merge, lora_export.py)."""
     fam = family_by_name(args["model_type"])
     g = geometry(args)
     rules = fam.active_rules(g.tied)
@@ -53,6 +54,8 @@ def iter_hf_from_mcore(reader: DcpReader, args: dict, dtype: torch.dtype | None 
             if shape[0] != g.num_layers:
                 check(key, (g.num_layers,) + shape[1:])
             t = reader.read(key, (i,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
+            if merge is not None:
+                t = merge(key, i, t)
             yield from emit({layer_name(k, i): v for k, v in r.to_hf(t, g).items()})
         if bar is not None:
             bar.update(1)
@@ -63,19 +66,28 @@ def iter_hf_from_mcore(reader: DcpReader, args: dict, dtype: torch.dtype | None 
 
 def mcore_to_hf(mcore_model: str, output_dir: str, torch_dtype: str | None = None,
                 overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
-                progress: bool = True) -> Path:
-    """Convert the latest complete checkpoint under ``mcore_model`` to an HF model dir. The output
+                progress: bool = True, merge_lora: bool = False, ref: layout.CheckpointRef | None = None) -> Path:
+    """Convert the latest complete checkpoint under ``mcore_model`` (or ``ref``) to an HF model dir;
+    a LoRA checkpoint to a PEFT adapter dir, or with ``merge_lora`` to the merged model. The output
     is built aside and renamed into place when complete (checkpoint/output.py): a run killed
     half-way never leaves a folder that looks like a model (e.g. config.json without tokenizer)."""
-    ref = layout.require_latest(mcore_model)
+    from hpctrain.checkpoint import lora_export
+
+    ref = ref or layout.require_latest(mcore_model)
     check_json_files(ref.root)
     args = model_args_from_checkpoint(ref.root)
     reader = DcpReader(ref.path)
     dtype = DTYPES[torch_dtype] if torch_dtype else None
     inputs = [ref.path] + [f for f in ref.root.iterdir() if f.is_file()]
+    adapter = lora_export.lora_meta(ref) is not None and not merge_lora
+    merge = lora_export.merge_hook(ref, args) if merge_lora else None
     with staged_output(output_dir, overwrite, inputs) as out:
+        if adapter:
+            lora_export.write_adapter(ref, args, out, _base_model(ref.root))
+            hf_io.copy_tokenizer_files(ref.root, out)
+            return Path(output_dir)
         bar = Progress(args["num_layers"], "to_hf", "layers", enabled=progress)
-        hf_io.write_safetensors_shards(out, iter_hf_from_mcore(reader, args, dtype, bar), max_shard_bytes)
+        hf_io.write_safetensors_shards(out, iter_hf_from_mcore(reader, args, dtype, bar, merge), max_shard_bytes)
         bar.close()
         cfg = with_dtype(read_config_json(ref.root / "config.json"),
                          dtype or reader.dtype("embedding.word_embeddings.weight"))
@@ -84,6 +96,14 @@ def mcore_to_hf(mcore_model: str, output_dir: str, torch_dtype: str | None = Non
         if not (out / "generation_config.json").is_file():
             _write_generation_config(cfg, out)
     return Path(output_dir)
+
+
+def _base_model(root: Path) -> str | None:
+    """The HF model a run started from (args.json's model.model), for adapter_config.json."""
+    try:
+        return (json.loads((root / "args.json").read_text()).get("model") or {}).get("model")
+    except (OSError, ValueError):
+        return None
 
 
 def _write_generation_config(cfg: dict, out: Path) -> None:

@@ -27,6 +27,8 @@ def command_line() -> CommandLine:
              required=True),
         flag("--torch_dtype", choices=tuple(sorted(DTYPES)), config="model.torch_dtype",
              help="weight dtype of the output (default: the input's)"),
+        flag("--merge_lora", kind="bool", default=False, config="export.merge_lora",
+             help="to_hf of a LoRA checkpoint: the merged full model instead of the PEFT adapter"),
         flag("--test_convert_precision", kind="bool", default=False, config="export.test_convert_precision",
              help="compare HF and mcore logits in fp32 after converting; non-zero exit on failure"),
         # ms-swift spells it --exist_ok (the config key export.exist_ok is refused: see config/refusals.py)
@@ -75,6 +77,8 @@ def run(argv: list[str]) -> int:
 def _to_mcore(a) -> int:
     from hpctrain.checkpoint.convert_hf_to_mcore import hf_to_mcore
 
+    if a.merge_lora:
+        raise ConfigError("--merge_lora true is an option of --to_hf (a LoRA checkpoint); drop it")
     ref = hf_to_mcore(a.model, a.output_dir, a.torch_dtype, a.overwrite, not a.no_progress)
     print(f"wrote megatron-core checkpoint {ref.path} (tracker {ref.root}/latest_checkpointed_iteration.txt)")
     if not a.test_convert_precision:
@@ -87,9 +91,17 @@ def _to_mcore(a) -> int:
 def _to_hf(a) -> int:
     from hpctrain.checkpoint.convert_mcore_to_hf import mcore_to_hf
 
+    from hpctrain.checkpoint import layout
+    from hpctrain.checkpoint.lora_export import lora_meta
+
+    lora = lora_meta(layout.require_latest(a.mcore_model)) is not None
+    adapter = lora and not a.merge_lora
+    if lora and a.test_convert_precision:
+        raise ConfigError("--test_convert_precision compares the mcore model without adapters: it is not built "
+                          "for LoRA checkpoints (tests/lora compares the exports with PEFT); drop it")
     out = mcore_to_hf(a.mcore_model, a.output_dir, a.torch_dtype, a.overwrite,
-                      int(a.max_shard_size_gb * 2**30), not a.no_progress)
-    print(f"wrote HF model {out}")
+                      int(a.max_shard_size_gb * 2**30), not a.no_progress, merge_lora=a.merge_lora)
+    print(f"wrote {'PEFT adapter' if adapter else 'HF model'} {out}")
     if a.test_convert_precision:
         return _precision(str(out), a.mcore_model)
     return 0

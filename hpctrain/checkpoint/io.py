@@ -54,6 +54,45 @@ def _unwrap(c):
     return getattr(c, "module", c)
 
 
+LORA_SUFFIXES = (".lora_A", ".lora_B")
+
+
+def _has_lora(chunks) -> bool:
+    return any(n.endswith(LORA_SUFFIXES) for c in chunks for n, _ in _unwrap(c).named_parameters())
+
+
+def _lora_meta(chunks) -> dict | None:
+    """The LoRA settings (model/lora/settings.py) the adapters were trained with, for the export."""
+    m = chunks[0]
+    while hasattr(m, "module"):
+        m = m.module
+    s = getattr(m, "lora_settings", None)
+    if s is None:
+        return None
+    return dict(rank=s.rank, alpha=s.alpha, dropout=s.dropout, use_rslora=s.use_rslora, bias=s.bias,
+                modules_to_save=list(s.modules_to_save))
+
+
+def _without_lora(state: dict) -> dict:
+    """The model's sharded state without its adapters (a base checkpoint has none to load)."""
+    return {k: ({n: t for n, t in v.items() if not n.endswith(LORA_SUFFIXES)} if k.startswith("model") else v)
+            for k, v in state.items()}
+
+
+def _lora_fit(ref_path, content: dict, chunks, finetune: bool) -> bool:
+    """Whether the adapters come from the checkpoint. A LoRA run may start from a base checkpoint (its
+    adapters keep their fresh init); a LoRA checkpoint never loads into a run without adapters."""
+    mine, saved = _has_lora(chunks), bool(content.get("lora"))
+    if saved and not mine:
+        raise ValueError(f"{ref_path} holds LoRA adapters (a train_type lora run): continue it with "
+                         "--train_type lora (same targets), or write the merged model first: hpctrain export "
+                         "--mcore_model ... --to_hf true --merge_lora true")
+    if mine and not saved and not finetune:
+        log.info("%s holds no adapters: the LoRA adapters start fresh (iteration and schedule still load)",
+                 ref_path)
+    return mine and saved
+
+
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
     return dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
@@ -163,7 +202,7 @@ def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, sched
     final = layout.checkpoint_dir(root, progress.iteration)
     target = _broadcast_path(_prepare_target(root, final) if tdist.get_rank() == 0 else None)
     state = _model_sharded(chunks)
-    content = {"model": True, "optimizer": False, "rng": False}
+    content = {"model": True, "optimizer": False, "rng": False, "lora": _has_lora(chunks)}
     if save_optim and optimizer is not None:
         model_sd = _model_sharded(chunks)
         _ensure_optimizer_state(optimizer)  # fp16 with every step skipped so far has no Adam state yet
@@ -176,7 +215,7 @@ def save_checkpoint(root, progress: TrainProgress, chunks, optimizer=None, sched
         content["rng"] = True
     state.update(iteration=progress.iteration, consumed_train_samples=progress.consumed_train_samples,
                  hpctrain=dict(format=FORMAT_VERSION, content=content, layout=_layout(),
-                               num_model_chunks=len(chunks), extra=progress.extra))
+                               num_model_chunks=len(chunks), extra=progress.extra, lora=_lora_meta(chunks)))
     _in_process_results_queue()
     strategy = get_default_save_sharded_strategy("torch_dist")
     if hasattr(strategy, "thread_count"):
@@ -257,7 +296,12 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
     meta = common.get("hpctrain", {}) if isinstance(common, dict) else {}
     content = meta.get("content", {"model": True})
     state = _model_sharded(chunks)
-    want_optim = (not finetune and load_optim and optimizer is not None and content.get("optimizer"))
+    with_lora = _lora_fit(ref.path, content, chunks, finetune)
+    if _has_lora(chunks) and not with_lora:
+        state = _without_lora(state)
+    # optimizer state of a full-training checkpoint belongs to other parameters than a LoRA run's
+    want_optim = (not finetune and load_optim and optimizer is not None and content.get("optimizer")
+                  and with_lora == _has_lora(chunks))
     saved_layout = meta.get("layout", {})
     same_layout = saved_layout.get("tp") == _layout()["tp"] and saved_layout.get("pp") == _layout()["pp"]
     if want_optim and not same_layout and _is_distributed_optimizer(optimizer):
@@ -279,7 +323,11 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
     check_model_matches(ref.path, {k: v for k, v in state.items() if k.startswith("model")})
     loaded = dist_checkpointing.load(state, str(ref.path))
     for i, c in enumerate(chunks):
-        _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+        missing, unexpected = _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+        missing = [k for k in missing if not (k.endswith(LORA_SUFFIXES) and not with_lora)]
+        if missing or unexpected:
+            raise RuntimeError(f"{ref.path}: loading the model state failed: missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]}")
     if want_optim:
         with torch.no_grad():  # the optimizer load copies into leaf params
             optimizer.load_state_dict(loaded["optimizer"])

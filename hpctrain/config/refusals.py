@@ -22,8 +22,8 @@ from hpctrain.config.sections import SECTIONS
 SECTION_MESSAGES = {
     "moe": "Mixture-of-Experts and Multi-Latent Attention models are not built yet: hpctrain trains dense "
            "models (Qwen2/Qwen2.5, Llama); remove the [moe] keys",
-    "tuner": "partial training (LoRA, freezing) is not built yet: hpctrain trains all parameters "
-             "(train_type full); remove the [tuner] keys",
+    "tuner": "freezing parameters by name is not built: train all parameters (train_type full) or "
+             "adapters (train_type lora, docs/lora.md); remove the key",
     "rlhf": "[rlhf] is not built: hpctrain trains sft and pt only (no DPO, no reference model); "
             "remove the [rlhf] keys and train with `hpctrain sft`",
 }

@@ -294,6 +294,9 @@ class CheckpointConfig:
     auto_detect_ckpt_format: bool = opt(True, "detect legacy vs distributed format on load")
     exit_on_missing_checkpoint: bool = opt(True, "error if load is set but holds no checkpoint")
     add_version: bool = opt(True, "save into <save>/v<N>-<timestamp>/ so runs never overwrite")
+    save_safetensors: bool = opt(False, "each save also writes <run>/checkpoint-<iter>/: the HF model "
+                                 "(full training) or the PEFT adapter (LoRA) as safetensors; resume still "
+                                 "reads the mcore checkpoint")
 
 
 @dataclass
@@ -333,6 +336,8 @@ class ExportConfig:
     mcore_model: str | None = opt(None, "mcore checkpoint to convert to HF")
     output_dir: str | None = opt(None, "conversion output dir; None = <input>-mcore / <input>-hf")
     test_convert_precision: bool = opt(False, "compare HF and mcore logits after converting")
+    merge_lora: bool = opt(False, "to_hf of a LoRA checkpoint: write the merged full model instead of the "
+                           "PEFT adapter")
     exist_ok: bool = opt(False, "allow writing into an existing output_dir", unsupported=(
         "hpctrain export replaces an existing output_dir with --overwrite true; remove exist_ok"))
 
@@ -400,9 +405,10 @@ class MoeConfig:
 
 @dataclass
 class TunerConfig:
-    """Partial / LoRA training (only full-parameter training is supported in this version)."""
+    """Partial / LoRA training: ``train_type = "lora"`` trains adapters on megatron-core's linears
+    (docs/lora.md); freezing by name is not built."""
 
-    train_type: str = opt("full", "full-parameter or LoRA training", choices=("full", "lora"), unsupported=True)
+    train_type: str = opt("full", "full-parameter or LoRA training", choices=("full", "lora"))
     freeze_llm: bool = opt(False, "freeze the LLM (multimodal)", unsupported=True)
     freeze_vit: bool = opt(True, "freeze the ViT (multimodal)", unsupported=True)
     freeze_aligner: bool = opt(True, "freeze the aligner (multimodal)", unsupported=True)
@@ -411,15 +417,25 @@ class TunerConfig:
     freeze_parameters_ratio: float = opt(0.0, "fraction of parameters frozen bottom-up", unsupported=True)
     trainable_parameters: list[str] = opt([], "extra trainable prefixes", unsupported=True)
     trainable_parameters_regex: str | None = opt(None, "regex of extra trainable parameters", unsupported=True)
-    adapter_load: str | None = opt(None, "LoRA adapter checkpoint to load", unsupported=True)
-    target_modules: list[str] = opt(["all-linear"], "LoRA target module suffixes", unsupported=True)
-    target_regex: str | None = opt(None, "LoRA target regex", unsupported=True)
-    modules_to_save: list[str] = opt([], "extra modules trained and saved with LoRA", unsupported=True)
-    lora_rank: int = opt(8, "LoRA rank", unsupported=True)
-    lora_alpha: int = opt(32, "LoRA alpha", unsupported=True)
-    lora_dropout: float = opt(0.05, "LoRA dropout", unsupported=True)
-    lora_bias: str = opt("none", "LoRA bias", choices=("none", "all"), unsupported=True)
-    use_rslora: bool = opt(False, "rank-stabilised LoRA", unsupported=True)
+    adapter_load: str | None = opt(None, "LoRA adapter checkpoint to load", unsupported=(
+        "a LoRA run's checkpoints hold base weights and adapters together: resume with --load; to start "
+        "from a saved adapter use --adapters PEFT_DIR"))
+    adapters: list[str] = opt([], "LoRA adapter to start from / run with: one PEFT folder (adapter_config.json "
+                              "+ adapter_model.safetensors, as export --to_hf and save_safetensors write)")
+    target_modules: list[str] = opt(["all-linear"], "LoRA targets: all-linear, HF names (q_proj k_proj v_proj "
+                                    "o_proj gate_proj up_proj down_proj; fused ones together) or megatron "
+                                    "names (linear_qkv linear_proj linear_fc1 linear_fc2)")
+    target_regex: str | None = opt(None, "LoRA targets by regex over megatron module names (global layer "
+                                   "numbers), e.g. 'decoder\\.layers\\.\\d+\\.mlp\\.linear_fc[12]'; "
+                                   "replaces target_modules")
+    modules_to_save: list[str] = opt([], "modules trained in full and saved with the adapter: embed_tokens "
+                                     "(word_embeddings), lm_head (output_layer)")
+    lora_rank: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha (scaling alpha / rank)")
+    lora_dropout: float = opt(0.05, "dropout on the adapter input")
+    lora_bias: str = opt("none", "'all': every bias of the model trains too (PEFT bias='all')",
+                         choices=("none", "all"))
+    use_rslora: bool = opt(False, "rank-stabilised LoRA: scaling alpha / sqrt(rank)")
 
 
 @dataclass

@@ -203,7 +203,7 @@ def _self_cognition(cfg: JobConfig) -> None:
                                       f"--model_name swift-robot --model_author swift")
 
 
-EXPORT_ONLY = ("to_mcore", "to_hf", "mcore_model", "output_dir", "test_convert_precision")
+EXPORT_ONLY = ("to_mcore", "to_hf", "mcore_model", "output_dir", "test_convert_precision", "merge_lora")
 
 
 def _for_command(cfg: JobConfig, mode: str | None) -> None:
@@ -215,6 +215,23 @@ def _for_command(cfg: JobConfig, mode: str | None) -> None:
         if value not in (None, False):
             raise ConfigError(f"export.{key} = {value!r} is an option of `hpctrain export` (conversion), which "
                               f"`hpctrain {mode}` does not do: checkpoints go to --save; remove it")
+
+
+def _lora(cfg: JobConfig) -> None:
+    """[tuner]: LoRA keys only with train_type lora; ranges, targets (model/lora/settings.py)."""
+    from hpctrain.model.lora.settings import check_tuner
+
+    check_tuner(cfg.tuner)
+    t = cfg.tuner
+    if len(t.adapters) > 1:
+        raise ConfigError(f"tuner.adapters = {t.adapters}: one adapter folder at a time is supported")
+    if cfg.checkpoint.ckpt_format == "torch" and (t.train_type == "lora" or cfg.checkpoint.save_safetensors):
+        what = "train_type lora" if t.train_type == "lora" else "save_safetensors"
+        raise ConfigError(f"{what} needs ckpt_format = 'torch_dist' (the legacy torch format holds no adapters "
+                          "and is not read by the HF export); set ckpt_format = 'torch_dist'")
+    if t.train_type == "lora" and cfg.model.transformer_impl == "transformer_engine":
+        raise ConfigError("train_type lora runs on megatron-core's own tensor-parallel linears (the portable "
+                          "spec), not Transformer Engine's: set transformer_impl = 'local'")
 
 
 def _profile(cfg: JobConfig) -> None:
@@ -263,6 +280,7 @@ def validate(cfg: JobConfig, mode: str | None = None) -> JobConfig:
     _schedule(cfg)
     _checkpoint_and_model(cfg)
     _self_cognition(cfg)
+    _lora(cfg)
     _for_command(cfg, mode)
     _export_and_slurm(cfg)
     return cfg

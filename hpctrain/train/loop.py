@@ -240,12 +240,30 @@ def _run(cfg, source: Callable, valid: Callable | None, info, model) -> RunResul
 
 
 def _start_weights(cfg, model, chunks, opt, sched) -> tuple[TrainProgress, Path | None]:
-    """(progress, scratch dir of an HF conversion or None): load --load, or --model's HF weights."""
+    """(progress, scratch dir of an HF conversion or None): load --load, or --model's HF weights;
+    then --adapters (a PEFT folder) into the LoRA adapters."""
+    progress, scratch = TrainProgress(), None
     if model.weights == "checkpoint":  # either format: checkpoint/formats.py
-        return formats.load(cfg, cfg.model.load, chunks, opt, sched) or TrainProgress(), None
-    if model.weights == "hf":
-        return TrainProgress(), hf_init.load_hf_weights(cfg, chunks, opt, sched)
-    return TrainProgress(), None
+        progress = formats.load(cfg, cfg.model.load, chunks, opt, sched) or TrainProgress()
+    elif model.weights == "hf":
+        scratch = hf_init.load_hf_weights(cfg, chunks, opt, sched)
+    if cfg.tuner.adapters:
+        _load_adapters(cfg, chunks, opt)
+    return progress, scratch
+
+
+def _load_adapters(cfg, chunks, opt) -> None:
+    from hpctrain.checkpoint.formats import find_input
+    from hpctrain.checkpoint.lora_export import lora_meta
+    from hpctrain.config import ConfigError
+    from hpctrain.train.adapters import load_adapters
+
+    if cfg.model.load and lora_meta(find_input(cfg.model.load)[0]) is not None:
+        raise ConfigError(f"--adapters {cfg.tuner.adapters[0]} and --load {cfg.model.load}, which already holds "
+                          "LoRA adapters: drop --adapters to continue that run, or --load a base checkpoint")
+    load_adapters(cfg, chunks, cfg.tuner.adapters[0])
+    if hasattr(opt, "reload_model_params"):
+        opt.reload_model_params()  # the optimizer's fp32 main copies follow the loaded adapters
 
 
 def _close_logs(logger) -> None:
@@ -277,6 +295,8 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
         t0 = time.time()
         last_ckpt = _save(cfg, save_dir, progress, chunks, opt, sched)
         saved_at = progress.iteration
+        if ck.save_safetensors:
+            _save_safetensors(save_dir, progress.iteration)
         logger.timers(progress.iteration, {"save": time.time() - t0})
         if info.is_main:
             log.info("saved checkpoint %s", last_ckpt)
@@ -327,6 +347,19 @@ def _evaluate(cfg, chunks, valid, info, pads, same_len, logger, it, n_micro):
         return
     loss, _ = step.eval_step(chunks, mbs, info.device, pads[0], same_len, pads[1])
     logger.eval(it, loss)
+
+
+def _save_safetensors(save_dir: str, iteration: int) -> None:
+    """save_safetensors: <run>/checkpoint-<iter>/ beside the mcore checkpoint just saved, written by
+    rank 0 with the export's converter (HF model, or PEFT adapter for LoRA), staged and renamed."""
+    from hpctrain.checkpoint.convert_mcore_to_hf import mcore_to_hf
+
+    out = Path(save_dir) / f"checkpoint-{iteration}"
+    if tdist.get_rank() == 0:
+        ref = layout.find_latest(save_dir)
+        mcore_to_hf(save_dir, str(out), overwrite=True, progress=False, ref=ref)
+        log.info("saved safetensors %s", out)
+    tdist.barrier()
 
 
 def _save(cfg, save_dir: str, progress, chunks, opt, sched) -> str:

@@ -163,7 +163,27 @@ def build_model_chunks(cfg, tcfg) -> list:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw), **model_kw, **kw))
     if cfg.train.cross_entropy_loss_fusion and cfg.train.cross_entropy_fusion_impl == "native":
         _chunked_cross_entropy(chunks, m.padded_vocab_size // cfg.parallel.tensor_model_parallel_size)
+    apply_tuner(cfg, chunks)
     return chunks
+
+
+def apply_tuner(cfg, chunks: list) -> None:
+    """train_type lora: adapters on the chosen linears, everything else frozen (model/lora/)."""
+    from hpctrain.model.lora import lora_settings
+    from hpctrain.model.lora.apply import apply_lora, check_uniform
+
+    m = cfg.model
+    settings = lora_settings(cfg.tuner, tied=not m.untie_embeddings_and_output_weights)
+    if settings is None:
+        return
+    check_uniform(settings, m.num_layers)
+    names = [n for c in chunks for n in apply_lora(c, settings, cfg.train.seed, gated=bool(m.swiglu))]
+    trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    total = sum(p.numel() for c in chunks for p in c.parameters())
+    log.info("LoRA: rank %d, alpha %g%s on %d linears of this stage (%s); trainable %d of %d parameters "
+             "(%.3f%%) on this rank", settings.rank, settings.alpha, " (rslora)" if settings.use_rslora else "",
+             len(names), ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})), trainable, total,
+             100.0 * trainable / max(total, 1))
 
 
 def _chunked_cross_entropy(chunks: list, vocab_per_rank: int) -> None:
