@@ -32,7 +32,7 @@ from hpctrain.files import fsync_dir
 log = logging.getLogger(__name__)
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the RNG state per DP rank (_rng_object)
 
 
 @dataclass
@@ -99,14 +99,21 @@ def _layout() -> dict:
                 dp=ps.get_data_parallel_world_size())
 
 
-def _rng_object(state=None):
+def _rng_object(state=None, per_dp: bool = True):
+    """The RNG state as a sharded object. One per (PP, TP, DP) rank (``rng_state_dp``, FORMAT_VERSION
+    2): DP ranks draw different amounts (dropout over micro-batches of different shapes), so DP rank
+    0's state does not fit the others. ``per_dp=False``: the version-1 layout, one per (PP, TP) rank
+    with the DP ranks as replicas (Megatron-LM's, without data_parallel_random_init)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return ShardedObject("rng_state", state, (ps.get_pipeline_model_parallel_world_size(),
-                                               ps.get_tensor_model_parallel_world_size()),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if per_dp:
+        dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        return ShardedObject("rng_state_dp", state, (pp, tp, dp), ranks + (dp_rank,), replica_id=0)
+    return ShardedObject("rng_state", state, (pp, tp), ranks, replica_id=dp_rank)
 
 
 def get_rng_state() -> dict:
@@ -315,11 +322,13 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
         _ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(_model_sharded(chunks), is_loading=True,
                                                           metadata=OPTIM_METADATA)
-    want_rng = not finetune and load_rng and content.get("rng") and same_layout
-    if not finetune and load_rng and content.get("rng") and not same_layout:
+    per_dp = meta.get("format", 1) >= 2
+    fits = same_layout and (not per_dp or saved_layout.get("dp") == _layout()["dp"])
+    want_rng = not finetune and load_rng and content.get("rng") and fits
+    if not finetune and load_rng and content.get("rng") and not fits:
         log.warning("checkpoint was saved at %s, now %s: RNG state not restored", meta.get("layout"), _layout())
     if want_rng:
-        state["rng_state"] = _rng_object()
+        state["rng_state"] = _rng_object(per_dp=per_dp)
     check_model_matches(ref.path, {k: v for k, v in state.items() if k.startswith("model")})
     loaded = dist_checkpointing.load(state, str(ref.path))
     for i, c in enumerate(chunks):

@@ -405,8 +405,7 @@ class MoeConfig:
 
 @dataclass
 class TunerConfig:
-    """Partial / LoRA training: ``train_type = "lora"`` trains adapters on megatron-core's linears
-    (docs/lora.md); freezing by name is not built."""
+    """Partial training: train_type lora trains LoRA adapters on megatron-core's linears (docs/lora.md)."""
 
     train_type: str = opt("full", "full-parameter or LoRA training", choices=("full", "lora"))
     freeze_llm: bool = opt(False, "freeze the LLM (multimodal)", unsupported=True)

@@ -31,6 +31,8 @@ def command_line() -> CommandLine:
     return CommandLine("hpctrain infer", __doc__.split("\n\n")[0], mode="infer", flags=[
         flag("--model", required=True, config="model.model",
              help="HF model directory (safetensors) or a .gguf file"),
+        flag("--adapters", kind="list", default=[], config="tuner.adapters",
+             help="a PEFT LoRA adapter folder to answer with (merged into --model's weights)"),
         flag("--stream", kind="bool", default=False, help="print tokens as they come"),
         *SAMPLING_FLAGS,
         flag("--seed", type=int, default=42, help="torch seed (sampling)"),
@@ -114,6 +116,13 @@ def run(argv: list[str]) -> int:
 
         torch.manual_seed(args.seed)
         model, tok = load_model_and_tokenizer(args.model, args.torch_dtype, args.device)
+        if args.adapters:
+            from hpctrain.infer.adapters import apply_adapter
+
+            if len(args.adapters) > 1:
+                raise ValueError(f"--adapters {' '.join(args.adapters)}: give one adapter folder")
+            n = apply_adapter(model, args.adapters[0])
+            print(f"[adapter {args.adapters[0]}: {n} linears merged]", file=sys.stderr)
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"hpctrain infer: {e}", file=sys.stderr)
         return 2

@@ -139,12 +139,12 @@ def test_nproc_more_than_visible_gpus():
         load_config(None, [], environ={"NPROC_PER_NODE": "two"})
 
 
-@pytest.mark.parametrize("argv", [["--num_experts", "8"], ["--train_type", "lora"], ["--fp8_format", "e4m3"],
+@pytest.mark.parametrize("argv", [["--num_experts", "8"], ["--freeze_parameters", "x"], ["--fp8_format", "e4m3"],
                                   ["--wandb_project", "x"], ["--use_precision_aware_optimizer", "true"],
-                                  ["--rlhf_type", "dpo"], ["--train_type", "full"], ["--streaming", "false"]])
+                                  ["--rlhf_type", "dpo"], ["--freeze_llm", "false"], ["--streaming", "false"]])
 def test_unsupported_features_refused_whatever_the_value(argv):
     """Setting a key of a feature that is not built is refused, even to its default (rlhf_type's only
-    choice "dpo", train_type "full", streaming false)."""
+    choice "dpo", freeze_llm false, streaming false)."""
     msg = err(argv)
     assert msg.startswith(f"command-line flag {argv[0]}:") and "is not supported yet" in msg, msg
     assert argv[0].lstrip("-") in msg

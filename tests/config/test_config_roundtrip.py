@@ -127,5 +127,5 @@ def test_dumps_leave_out_keys_of_features_that_are_not_built(tmp_path):
     doc = json.loads((tmp_path / "args.json").read_text())
     assert doc["rlhf"] == {} and "rlhf_type" not in (tmp_path / "config.toml").read_text()
     assert "streaming" not in doc["data"] and "padding_free" not in doc["data"] and "num_workers" in doc["data"]
-    assert not [k for k in doc["tuner"] if k in ("train_type", "lora_rank")]
+    assert not [k for k in doc["tuner"] if k in ("freeze_llm", "freeze_parameters")] and "lora_rank" in doc["tuner"]
     assert load_config(tmp_path / "args.json", environ={}) == cfg  # and it reloads without a refusal
