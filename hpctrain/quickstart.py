@@ -10,6 +10,11 @@ en/zh rows so it keeps its manners):
   4. mcore -> HF with the precision test                hpctrain export --to_hf true
   5. ask the trained model again                        hpctrain infer --model <hf dir>
 
+With ``--train_type lora`` stage 3 trains LoRA adapters (rank --lora_rank on every linear, lr 2e-3 by
+default) instead of every weight, stage 4 writes them in PEFT's format (adapter_model.safetensors +
+adapter_config.json; no precision test: it compares full models) and stage 5 asks the original model
+with the adapter (``hpctrain infer --adapters``).
+
 Stages 1, 3 and 5 use the same system prompt (--system). The defaults (24 steps of 4 packed rows of
 192 tokens, lr 5e-4 cosine, 2 gloo ranks on CPU) take ~5 minutes for the whole pipeline on a quiet
 2-core machine (docs/benchmarks.md, "Quickstart").
@@ -102,7 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     a("--micro_batch_size", type=int, default=2)
     a("--global_batch_size", type=int, default=4)
     a("--max_length", type=int, default=192, help="tokens per sample (longer rows are dropped)")
-    a("--lr", type=float, default=5e-4)
+    a("--train_type", choices=("full", "lora"), default="full",
+      help="fine-tune every weight, or LoRA adapters (exported in PEFT's format, asked with infer --adapters)")
+    a("--lora_rank", type=int, default=16, help="LoRA rank (--train_type lora; alpha 32)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 5e-4; 2e-3 with --train_type lora)")
     a("--min_lr", type=float, default=1e-5)
     a("--lr_warmup_iters", type=int, default=0)
     a("--nproc", type=int, default=None,
@@ -166,15 +174,19 @@ def sft_argv(opts, w: Path, dtype: str, extra: list[str], nproc: int = 1) -> lis
     if opts.name_rows > 0:
         datasets.append(f"{name_rows_file(w)}#{opts.name_rows}")
     iters = str(opts.train_iters)
+    lora = ["--train_type", "lora", "--lora_rank", str(opts.lora_rank), "--lora_alpha", "32",
+            "--lora_dropout", "0"] if opts.train_type == "lora" else []
+    lr = opts.lr if opts.lr is not None else (2e-3 if opts.train_type == "lora" else 5e-4)
     return _hpctrain(
         "sft", "--load", str(w / "mcore"), "--dataset", *datasets,
         "--model_name", *opts.model_name, "--model_author", *opts.model_author,
         "--finetune", "true", "--save", str(w / "out"), "--torch_dtype", dtype,
         "--micro_batch_size", str(micro), "--global_batch_size", str(global_),
         "--train_iters", iters, "--max_length", str(opts.max_length), "--packing", "true",
-        "--lr", str(opts.lr), "--min_lr", str(opts.min_lr), "--lr_warmup_iters", str(opts.lr_warmup_iters),
+        "--lr", str(lr), "--min_lr", str(opts.min_lr), "--lr_warmup_iters", str(opts.lr_warmup_iters),
         "--save_interval", iters, "--no_save_optim", "true", "--no_save_rng", "true",
-        "--split_dataset_ratio", "0", "--log_interval", "1", "--dataset_num_proc", "1", *_system(opts), *extra)
+        "--split_dataset_ratio", "0", "--log_interval", "1", "--dataset_num_proc", "1", *lora, *_system(opts),
+        *extra)
 
 
 def build_stages(opts, w: Path, model: str, extra: list[str]) -> list[Stage]:
@@ -185,8 +197,17 @@ def build_stages(opts, w: Path, model: str, extra: list[str]) -> list[Stage]:
         Stage("to_mcore", "HF -> mcore (+ precision test)", _hpctrain(
             "export", "--model", model, "--to_mcore", "true", "--output_dir", str(w / "mcore"),
             "--test_convert_precision", "true")),
-        Stage("sft", f"fine-tune ({where})", sft_argv(opts, w, dtype, extra, nproc), env),
-        # --mcore_model is filled in once training has made its v<N>-<time> folder.
+        Stage("sft", f"fine-tune{' LoRA' if opts.train_type == 'lora' else ''} ({where})",
+              sft_argv(opts, w, dtype, extra, nproc), env),
+    ]
+    # --mcore_model is filled in once training has made its v<N>-<time> folder.
+    if opts.train_type == "lora":
+        stages += [Stage("to_hf", "mcore -> PEFT adapter", _hpctrain(
+                       "export", "--mcore_model", "<sft output>", "--to_hf", "true", "--output_dir", str(w / "hf"))),
+                   Stage("after", "ask the model with the adapter",
+                         _infer_argv(model, opts) + ["--adapters", str(w / "hf")])]
+        return stages
+    stages += [
         Stage("to_hf", "mcore -> HF (+ precision test)", _hpctrain(
             "export", "--mcore_model", "<sft output>", "--to_hf", "true", "--output_dir", str(w / "hf"),
             "--test_convert_precision", "true")),
@@ -317,7 +338,8 @@ def summary(stages: list[Stage], w: Path, opts, loss: list[float]) -> list[str]:
                    f"({' / '.join(opts.model_author)}): {'yes' if names_model(ans, opts.model_author) else 'NO'}")
     out += [f"  outputs in {w}:", f"    mcore checkpoint (converted)  {w / 'mcore'}",
             f"    training run                  {latest_run(w / 'out') or w / 'out'}",
-            f"    HF model                      {w / 'hf'}", f"    logs                          {w / 'logs'}"]
+            f"    {'PEFT adapter' if opts.train_type == 'lora' else 'HF model':<30}{w / 'hf'}",
+            f"    logs                          {w / 'logs'}"]
     return out
 
 
