@@ -64,6 +64,7 @@ class Training:
     recompute_mlp_act: bool = False         # selective recompute includes "mlp_act"
     unfused_attention: bool = False         # attention keeps the s x s scores (TE/local unfused backend)
     chunked_ce: bool = False                # cross_entropy_loss_fusion: logits made chunk by chunk
+    lora_rank: int = 0                      # train_type lora: grads and optimizer state of the adapters only
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,14 @@ def layer_params(s: ModelShape, tp: int) -> int:
     fc2 = f * h
     replicated = norm + (2 * h if biased else 0) + (2 * d if s.qk_layernorm else 0)
     return (qkv + proj + fc1 + fc2) // tp + replicated
+
+
+def lora_layer_params(s: ModelShape, tp: int, r: int) -> int:
+    """Adapter parameters of one layer on one GPU (all four linears: the all-linear default)."""
+    h, a, g, d, f = s.hidden_size, s.num_attention_heads, s.num_query_groups, s.kv_channels, s.ffn_hidden_size
+    split = (a + 2 * g) * d + a * d + f * (2 if s.swiglu else 1) + f  # B rows of qkv/fc1, A columns of proj/fc2
+    whole = 4 * h                                                      # A of qkv/fc1, B of proj/fc2
+    return r * (split // tp + whole)
 
 
 def stage_params(s: ModelShape, lay: Layout, layers_on_stage: int, first: bool, last: bool) -> int:
@@ -168,12 +177,14 @@ def estimate(s: ModelShape, lay: Layout, batch: Batch, tr: Training, gpu_bytes: 
     for i, n in enumerate(layers):
         first, last = i == 0, i == len(layers) - 1
         p = stage_params(s, lay, n, first, last)
-        optim = p * optimizer_bytes_per_param(tr)
+        trained = n * lora_layer_params(s, lay.tp, tr.lora_rank) if tr.lora_rank else p  # LoRA: base frozen
+        optim = trained * optimizer_bytes_per_param(tr)
         if tr.use_distributed_optimizer:
             optim //= lay.dp * lay.cp
         in_flight = min(lay.pp - i, num_micro)   # 1F1B: stage i holds up to pp - i micro-batches
         acts = in_flight * stage_activations(s, lay, batch, tr, n, last)
-        est = MemoryEstimate(p, p * tr.dtype_bytes, 4 * p, optim, acts, gpu_bytes)
+        est = MemoryEstimate(p, p * tr.dtype_bytes, 4 * trained, optim, acts,
+                             gpu_bytes)
         if best is None or est.total > best.total:
             best = est
     assert best is not None

@@ -44,6 +44,7 @@ def training_from_config(cfg: Any) -> Training:
         unfused_attention=cfg.model.transformer_impl == "transformer_engine" and
         cfg.train.attention_backend == "unfused",
         chunked_ce=bool(cfg.train.cross_entropy_loss_fusion),
+        lora_rank=cfg.tuner.lora_rank if cfg.tuner.train_type == "lora" else 0,
     )
 
 

@@ -85,3 +85,15 @@ def test_warning_when_it_does_not_fit():
                        40 * GIB)
     assert not plan.memory.fits
     assert any("exceeds the usable 36.0 GiB" in w for w in plan.warnings)
+
+
+def test_lora_estimate_counts_grads_and_optimizer_of_the_adapters_only():
+    # per layer, r=2: B rows of qkv (2+4)*4=24 and fc1 2*16=32, A columns of proj 2*4=8 and fc2 16
+    # -> 80 split; A of qkv/fc1 and B of proj/fc2 over h=8 -> 32 whole; 2 * (80 + 32) = 224
+    batch = Batch(micro_batch_size=1, global_batch_size=4, seq_length=16)
+    full = estimate(TINY, Layout(1, 1, 1, 1), batch, Training(use_distributed_optimizer=False))
+    lora = estimate(TINY, Layout(1, 1, 1, 1), batch, Training(use_distributed_optimizer=False, lora_rank=2))
+    assert lora.weights == full.weights and lora.activations == full.activations
+    assert (lora.grads, lora.optimizer) == (4 * 2 * 224, 12 * 2 * 224)
+    tp2 = estimate(TINY, Layout(2, 1, 1, 1), batch, Training(use_distributed_optimizer=False, lora_rank=2))
+    assert tp2.grads == 4 * 2 * 2 * (40 + 32)
