@@ -254,6 +254,9 @@ def _cuda_graphs(cfg: JobConfig) -> None:
     if (m.hidden_dropout or 0) > 0 or (m.attention_dropout or 0) > 0:
         problems.append("a replay repeats the captured dropout masks: set hidden_dropout = 0 and "
                         "attention_dropout = 0")
+    if cfg.tuner.train_type == "lora":
+        problems.append("it is not built for train_type lora (the replayed step is that of full training, "
+                        "tested on GPUs only there): set cuda_graph_impl = 'none'")
     if cfg.precision.fp16:
         problems.append("fp16's loss scale changes outside the graph: use bf16")
     if t.recompute_granularity == "full" or (t.recompute_granularity == "selective" and

@@ -86,3 +86,7 @@ def test_a_refusal_through_the_cli_is_one_line_exit_2(capsys):
     assert cli.main(["sft", "--train_type", "lora", "--target_modules", "v_proj"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "k_proj" in err[0], err
+
+
+def test_cuda_graph_is_refused_with_lora():
+    assert "not built for train_type lora" in refused(*LORA, "--cuda_graph_impl", "local", "--lora_dropout", "0")
