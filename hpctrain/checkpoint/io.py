@@ -61,12 +61,16 @@ def _has_lora(chunks) -> bool:
     return any(n.endswith(LORA_SUFFIXES) for c in chunks for n, _ in _unwrap(c).named_parameters())
 
 
+def _bare(c):
+    """The GPTModel inside the DDP / Float16Module wrappers."""
+    while hasattr(c, "module"):
+        c = c.module
+    return c
+
+
 def _lora_meta(chunks) -> dict | None:
     """The LoRA settings (model/lora/settings.py) the adapters were trained with, for the export."""
-    m = chunks[0]
-    while hasattr(m, "module"):
-        m = m.module
-    s = getattr(m, "lora_settings", None)
+    s = getattr(_bare(chunks[0]), "lora_settings", None)
     if s is None:
         return None
     return dict(rank=s.rank, alpha=s.alpha, dropout=s.dropout, use_rslora=s.use_rslora, bias=s.bias,
@@ -332,7 +336,8 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
     check_model_matches(ref.path, {k: v for k, v in state.items() if k.startswith("model")})
     loaded = dist_checkpointing.load(state, str(ref.path))
     for i, c in enumerate(chunks):
-        missing, unexpected = _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+        # the bare model: megatron-core's Float16Module.load_state_dict returns nothing
+        missing, unexpected = _bare(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
         missing = [k for k in missing if not (k.endswith(LORA_SUFFIXES) and not with_lora)]
         if missing or unexpected:
             raise RuntimeError(f"{ref.path}: loading the model state failed: missing {missing[:4]}, "

@@ -111,7 +111,9 @@ def lora(tmp_path_factory):
     b = str(tmp / "batch.pt")
     single = [dict(name="grads.single", flags=start + ["--train_iters", "1", "--lr", "1e-3"], batch=b, grads=True),
               dict(name="train", flags=start + ["--train_iters", "3", "--lr", "2e-2", "--save_interval", "3",
-                                                "--save_safetensors", "true"], batch=b, eval=str(tmp / "eval.pt"))]
+                                                "--save_safetensors", "true"], batch=b, eval=str(tmp / "eval.pt")),
+              dict(name="bf16", flags=start + ["--train_iters", "2", "--lr", "2e-2", "--torch_dtype", "bfloat16",
+                                               "--save_safetensors", "true"], batch=b)]
     multi = [dict(name=f"grads.{lay}", flags=start + ["--train_iters", "1", "--lr", "1e-3"] + f, batch=b, grads=True)
              for lay, f in GRAD_LAYOUTS.items() if lay != "single"]
     resume = ["--train_iters", "4", "--lr", "2e-2", "--save_interval", "2", "--lora_dropout", "0.1"]
@@ -279,3 +281,20 @@ def test_infer_adapter_gives_peft_logits_and_answers(lora, capsys):
                   "--max_new_tokens", "3", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "14 linears merged" in captured.err and captured.out.strip()
+
+
+def test_bf16_run_trains_and_its_adapter_loads_in_peft(lora):
+    """bf16 (what GPUs run): Float16Module around the adapters, fp32 main params; the loss follows fp32's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    got = lora["results"]["bf16"]["losses"]
+    assert abs(got[0] - lora["ref"]["loss"]) < 0.05, (got, lora["ref"]["loss"])
+    adapter = Path(lora["results"]["bf16"]["save_dir"]) / "checkpoint-2"
+    base = AutoModelForCausalLM.from_pretrained(str(lora["hf"]), dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    from safetensors.torch import load_file
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # the run's dtype (peft upcasts on load)
+    b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    assert float(b.abs().sum()) > 0
