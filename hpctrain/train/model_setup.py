@@ -163,12 +163,13 @@ def build_model_chunks(cfg, tcfg) -> list:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw), **model_kw, **kw))
     if cfg.train.cross_entropy_loss_fusion and cfg.train.cross_entropy_fusion_impl == "native":
         _chunked_cross_entropy(chunks, m.padded_vocab_size // cfg.parallel.tensor_model_parallel_size)
-    apply_tuner(cfg, chunks)
+    apply_tuner(cfg, chunks, tcfg.transformer_impl)
     return chunks
 
 
-def apply_tuner(cfg, chunks: list) -> None:
+def apply_tuner(cfg, chunks: list, impl: str = "local") -> None:
     """train_type lora: adapters on the chosen linears, everything else frozen (model/lora/)."""
+    from hpctrain.config import ConfigError
     from hpctrain.model.lora import lora_settings
     from hpctrain.model.lora.apply import apply_lora, check_uniform
 
@@ -176,6 +177,9 @@ def apply_tuner(cfg, chunks: list) -> None:
     settings = lora_settings(cfg.tuner, tied=not m.untie_embeddings_and_output_weights)
     if settings is None:
         return
+    if impl == "transformer_engine":  # chosen because TE is installed and transformer_impl was left unset
+        raise ConfigError("train_type lora runs on megatron-core's own tensor-parallel linears, not Transformer "
+                          "Engine's (installed here): set transformer_impl = 'local'")
     check_uniform(settings, m.num_layers)
     names = [n for c in chunks for n in apply_lora(c, settings, cfg.train.seed, gated=bool(m.swiglu))]
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)

@@ -55,6 +55,24 @@ def save_grads(chunks, where: Path):
     io.save_checkpoint(where, io.TrainProgress(1, 0), chunks, save_optim=False, save_rng=False)
 
 
+def frozen_report(chunks, opt) -> dict:
+    """What megatron-core's DDP and optimizer hold: grad-buffer elements, optimizer parameters, and
+    whether any frozen parameter got a main_grad."""
+    trainable = frozen_with_grad = 0
+    for c in chunks:
+        for p in unwrap(c).parameters():
+            if p.requires_grad:
+                trainable += p.numel()
+            elif getattr(p, "main_grad", None) is not None:
+                frozen_with_grad += 1
+    buffers = sum(b.grad_data.numel() for c in chunks for b in c.buffers)
+    inner = getattr(opt, "chained_optimizers", [opt])
+    opt_params = sum(p.numel() for o in inner for g in o.optimizer.param_groups for p in g["params"])
+    total = sum(p.numel() for c in chunks for p in unwrap(c).parameters())
+    return dict(trainable=trainable, total=total, buffers=buffers, optimizer=opt_params,
+                frozen_with_grad=frozen_with_grad)
+
+
 def cut_back(src: Path, dst: Path, iteration: int):
     from hpctrain.checkpoint import layout
 
@@ -80,6 +98,8 @@ def main():
     train_step = step.train_step
 
     def probe(chunks, *a, **k):
+        if "memory" not in seen:
+            seen["memory"] = frozen_report(chunks, a[0])
         res = train_step(chunks, *a, **k)
         seen["chunks"], seen["device"] = chunks, a[3]
         if seen.pop("want_grads", False):
@@ -100,7 +120,8 @@ def main():
         seen.update(want_grads=bool(run.get("grads")), grads_dir=out / f"{name}.grads")
         res = loop.run(load_config(None, flags, mode="sft", environ={}),
                        Source(torch.load(run["batch"], weights_only=True)))
-        results[name] = dict(losses=res.losses, save_dir=res.save_dir, last=res.last_checkpoint)
+        results[name] = dict(losses=res.losses, save_dir=res.save_dir, last=res.last_checkpoint,
+                             memory=seen.pop("memory", None))
         if run.get("eval"):
             ids = torch.load(run["eval"], weights_only=True)
             torch.save(mcore_logits(unwrap(seen["chunks"][0]), ids, seen["device"]), out / f"{name}.logits.pt")

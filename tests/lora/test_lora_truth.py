@@ -298,3 +298,13 @@ def test_bf16_run_trains_and_its_adapter_loads_in_peft(lora):
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # the run's dtype (peft upcasts on load)
     b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     assert float(b.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("run", ["grads.single", "grads.tp2", "resume.full"])
+def test_frozen_base_has_no_grad_buffers_or_optimizer_state(lora, run):
+    """megatron-core's DDP and optimizer see only the adapters (rank 0's share; buffers are padded)."""
+    m = lora["results"][run]["memory"]
+    assert m["frozen_with_grad"] == 0
+    assert m["trainable"] < m["total"] / 10  # rank 4 on a hidden size of 64: 5.5%
+    assert m["trainable"] <= m["buffers"] <= m["trainable"] + 4096, m
+    assert m["optimizer"] <= m["trainable"], m  # the distributed optimizer holds its DP shard

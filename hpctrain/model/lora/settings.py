@@ -8,6 +8,7 @@ The PEFT export gives q_proj, k_proj and v_proj the same A (and their rows of B)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -97,9 +98,8 @@ def check_tuner(t) -> None:
     """Config-time checks of the [tuner] keys (the model-dependent ones run in lora_settings)."""
     if t.train_type != "lora":
         from hpctrain.config.fields import field_default
-        from hpctrain.config.sections import TunerConfig
-        import dataclasses
-        for f in dataclasses.fields(TunerConfig):
+
+        for f in dataclasses.fields(t):
             if f.name in LORA_KEYS and getattr(t, f.name) != field_default(f):
                 raise ConfigError(f"tuner.{f.name} is a LoRA setting, but train_type = {t.train_type!r}: set "
                                   "--train_type lora, or remove it")
