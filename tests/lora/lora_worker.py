@@ -4,8 +4,8 @@
 PLAN: {"runs": [{"name", "flags", "batch": micro-batches .pt, "eval": ids .pt (optional),
                  "grads": bool, "resume_from": name, "resume_at": N}], "out": DIR}
 
-* ``grads``: after the first train step, each trainable parameter's reduced gradient (megatron's
-  ``main_grad``, what the optimizer steps with) is copied into the parameter and the model saved as
+* ``grads``: after the first train step (run with clip_grad 0), each trainable parameter's reduced
+  gradient (megatron's ``main_grad``, what the optimizer steps with) is copied into the parameter and the model saved as
   a torch_dist checkpoint in OUT/<name>.grads: the test reads whole tensors back with the
   checkpoint reader (TP/PP layout undone by megatron's own sharded state dict).
 * ``eval``: the logits of the trained model on these ids after the run (single process only).
@@ -111,6 +111,8 @@ def main():
     for run in plan["runs"]:
         name = run["name"]
         flags = COMMON + run["flags"] + ["--save", str(out / name)]
+        if run.get("grads"):
+            flags += ["--clip_grad", "0"]  # clipping scales main_grad in place, before it is read
         if run.get("resume_from"):
             copy = out / f"{name}.start"  # an earlier run initialised the process group
             if tdist.get_rank() == 0:

@@ -61,15 +61,23 @@ def peft_adapter(hf: Path, out: Path):
     return out
 
 
-def peft_reference(hf: Path, adapter: Path, batch: list) -> dict:
+EXTRAS = ["--lora_bias", "all", "--modules_to_save", "embed_tokens", "lm_head"]
+
+
+def peft_reference(hf: Path, adapter: Path, batch: list, extras: bool = False) -> dict:
     """PEFT's loss (summed token CE / trained tokens of the global batch) and LoRA grads, keyed as in
-    the adapter file."""
+    the adapter file. ``extras``: the biases and embed_tokens / lm_head train too (PEFT's bias="all" and
+    modules_to_save train exactly those tensors, starting from the base's values)."""
     import torch.nn.functional as F
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    if extras:
+        for n, p in model.named_parameters():
+            if n.endswith(".bias") or "embed_tokens" in n or "lm_head" in n:
+                p.requires_grad = True
     count = sum(int((b["labels"] != -100).sum()) for b in batch)
     total = 0.0
     for b in batch:
@@ -107,11 +115,16 @@ def lora(tmp_path_factory):
     torch.save(batch[0]["input_ids"][:1], tmp / "eval.pt")
     adapter = peft_adapter(hf, tmp / "adapter")
     ref = peft_reference(hf, adapter, batch)
+    ref_extras = peft_reference(hf, adapter, batch, extras=True)
     start = ["--model", str(hf), "--adapters", str(adapter)]
     b = str(tmp / "batch.pt")
     single = [dict(name="grads.single", flags=start + ["--train_iters", "1", "--lr", "1e-3"], batch=b, grads=True),
               dict(name="train", flags=start + ["--train_iters", "3", "--lr", "2e-2", "--save_interval", "3",
                                                 "--save_safetensors", "true"], batch=b, eval=str(tmp / "eval.pt")),
+              dict(name="grads.extras", flags=start + EXTRAS + ["--train_iters", "1", "--lr", "1e-3"], batch=b,
+                   grads=True),
+              dict(name="extras", flags=start + EXTRAS + ["--train_iters", "2", "--lr", "2e-2", "--save_safetensors",
+                                                          "true"], batch=b, eval=str(tmp / "eval.pt")),
               dict(name="bf16", flags=start + ["--train_iters", "2", "--lr", "2e-2", "--torch_dtype", "bfloat16",
                                                "--save_safetensors", "true"], batch=b)]
     multi = [dict(name=f"grads.{lay}", flags=start + ["--train_iters", "1", "--lr", "1e-3"] + f, batch=b, grads=True)
@@ -121,7 +134,7 @@ def lora(tmp_path_factory):
               dict(name="resume.half", flags=["--model", str(hf)] + resume, batch=b, resume_from="resume.full",
                    resume_at=2)]
     results = {**run_worker(tmp, "single", single, 1), **run_worker(tmp, "multi", multi, 2)}
-    return dict(tmp=tmp, hf=hf, adapter=adapter, ref=ref, results=results)
+    return dict(tmp=tmp, hf=hf, adapter=adapter, ref=ref, ref_extras=ref_extras, results=results)
 
 
 def _ours_as_peft(ckpt: Path) -> dict:
@@ -143,16 +156,18 @@ def _ours_as_peft(ckpt: Path) -> dict:
 def _grads_checkpoint(lora, layout_name: str) -> Path:
     """The worker's grads checkpoint, with the run's config.json beside it for the geometry."""
     import shutil
-    d = lora["tmp"] / ("single" if layout_name == "single" else "multi") / f"grads.{layout_name}.grads"
+    d = lora["tmp"] / ("single" if layout_name in ("single", "extras") else "multi") / f"grads.{layout_name}.grads"
     if not (d / "config.json").is_file():
         shutil.copy2(lora["hf"] / "config.json", d / "config.json")
     return d
 
 
-@pytest.mark.parametrize("layout_name", list(GRAD_LAYOUTS))
+@pytest.mark.parametrize("layout_name", list(GRAD_LAYOUTS) + ["extras"])
 def test_lora_gradients_equal_peft(lora, layout_name):
+    """``extras``: --lora_bias all --modules_to_save embed_tokens lm_head (single process): the biases'
+    and both embeddings' gradients too."""
     ours = _ours_as_peft(_grads_checkpoint(lora, layout_name))
-    ref = lora["ref"]["grads"]
+    ref = lora["ref_extras" if layout_name == "extras" else "ref"]["grads"]
     assert {k for k in ours} == {k for k in ref}, sorted(set(ours) ^ set(ref))[:4]
     worst = 0.0
     for key, want in ref.items():
@@ -171,7 +186,7 @@ def test_lora_gradients_equal_peft(lora, layout_name):
 def test_first_loss_equals_peft(lora):
     got = lora["results"]["grads.single"]["losses"][0]
     assert abs(got - lora["ref"]["loss"]) < 1e-5, (got, lora["ref"]["loss"])
-    for lay in GRAD_LAYOUTS:
+    for lay in list(GRAD_LAYOUTS) + ["extras"]:
         assert abs(lora["results"][f"grads.{lay}"]["losses"][0] - got) < 1e-5, lay
 
 
@@ -308,3 +323,20 @@ def test_frozen_base_has_no_grad_buffers_or_optimizer_state(lora, run):
     assert m["trainable"] < m["total"] / 10  # rank 4 on a hidden size of 64: 5.5%
     assert m["trainable"] <= m["buffers"] <= m["trainable"] + 4096, m
     assert m["optimizer"] <= m["trainable"], m  # the distributed optimizer holds its DP shard
+
+
+def test_bias_and_modules_to_save_export_loads_in_peft_with_our_logits(lora):
+    """The PEFT files of a --lora_bias all --modules_to_save run (save_safetensors) give our logits in peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(lora["results"]["extras"]["save_dir"]) / "checkpoint-2"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["bias"] == "all" and cfg["modules_to_save"] == ["embed_tokens", "lm_head"]
+    base = AutoModelForCausalLM.from_pretrained(str(lora["hf"]), dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.load(lora["tmp"] / "eval.pt", weights_only=True)
+    ours = torch.load(lora["tmp"] / "single" / "extras.logits.pt", weights_only=True)[0, :, :300]
+    diff = (_hf_logits(model, ids) - ours).abs().max().item()
+    print(f"bias + modules_to_save export: max abs logit diff {diff:.2e}")
+    assert diff < 1e-4

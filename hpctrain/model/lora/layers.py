@@ -76,6 +76,15 @@ class _LoraMixin:
             h = tpl.reduce_from_tensor_model_parallel_region(h, group=g)
         return F.linear(h, self.lora_B) * self.lora_scaling
 
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        # megatron-core's frozen-weight linear returns no bias gradient: with lora_bias = all (a trained
+        # bias on a frozen weight) the bias is added here, where autograd sees it.
+        bias = kwargs.get("bias")
+        if bias is not None and bias.requires_grad and not weight.requires_grad:
+            kwargs["bias"] = None
+            return super()._forward_impl(input, weight, *args, **kwargs) + bias
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
     def forward(self, x, *args, **kwargs):
         out, bias = super().forward(x, *args, **kwargs)
         return out + self._lora_delta(x).to(out.dtype), bias
