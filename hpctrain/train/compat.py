@@ -15,12 +15,19 @@ Device-independent patches (applied for "cuda" too):
   the default ``fp8=False``; selective recompute of ``layernorm`` then calls TE's
   ``activation_recompute_forward`` and raises ``NameError`` without TE. We set the flag to
   "fp8 requested and TE present".
+* MoE router (``moe_utils.RouterGatingLinearFunction``) tests ``te_general_gemm is not None``, a
+  name that module only defines when TE imports: without TE that is a ``NameError``. We define it
+  as None, which selects megatron-core's own torch matmul path.
 
 CPU-only patches (``device_type == "cpu"``):
 
 * ``torch.cuda.current_device()`` raises without CUDA; megatron-core passes its result as a
   ``device=`` argument (RoPE, p2p, DDP buffers, checkpoint saver). It returns the CPU device.
 * ``torch.cuda.synchronize()`` (schedules, checkpoint saver) becomes a no-op: CPU ops are synchronous.
+* The MoE alltoall token dispatcher copies its split sizes to the host on a side CUDA stream
+  (``torch.cuda.Stream()``, ``torch.cuda.stream(s)``, ``record_event().synchronize()``): on the
+  CPU the tensors are on the host already, so the stream is a stand-in whose waits and events
+  are no-ops and ``torch.cuda.stream`` is a null context.
 * megatron-core >= 0.17 only: the DDP grad-bucket sync asks for ``torch.cuda.current_stream()`` on
   every step (to wait for CUDA-graph replays); on the CPU it gets a stream whose waits are no-ops
   (CPU ops are synchronous, and there are no CUDA graphs to wait for).
@@ -74,6 +81,7 @@ def apply(device_type: str) -> None:
     if "common" not in _applied:
         _patch_torch_norm_sequence_parallel()
         _patch_checkpoint_without_output_fp8()
+        _patch_moe_router_without_te()
         _applied.add("common")
     if device_type == "cpu" and "cpu" not in _applied:
         _patch_cuda_runtime_calls()
@@ -137,9 +145,28 @@ def _patch_checkpoint_without_output_fp8() -> None:
     mrandom.CheckpointWithoutOutput.__init__ = __init__
 
 
+def _patch_moe_router_without_te() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 # ----------------------------------------------------------------------------- CPU only
+class _CpuEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
 class _CpuStream:
-    """What ``torch.cuda.current_stream()`` returns on the CPU: every wait is already satisfied."""
+    """A CUDA stream stand-in on the CPU (``current_stream()``, ``Stream()``): every wait is
+    already satisfied, events are complete when recorded."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_event(self, event) -> None:
         pass
@@ -147,12 +174,21 @@ class _CpuStream:
     def wait_stream(self, stream) -> None:
         pass
 
+    def record_event(self, event=None) -> _CpuEvent:
+        return _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
 
 def _patch_cuda_runtime_calls() -> None:
+    import contextlib
+
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
-    if mcore_version() >= (0, 17):
-        torch.cuda.current_stream = lambda device=None: _CpuStream()
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.current_stream = lambda device=None: _CpuStream()
 
 
 def mcore_version() -> tuple[int, ...]:

@@ -110,13 +110,13 @@ def transformer_config(cfg, device_type: str):
     return TransformerConfig(**kw)
 
 
-def layer_spec(cfg, tcfg):
+def layer_spec(cfg, tcfg, vp_stage: int | None = None):
     """Transformer Engine's spec or hpctrain's portable spec (hpctrain.model.build decides)."""
     from hpctrain.model.build import select_layer_spec
 
     t = cfg.train
     spec = select_layer_spec(tcfg, recompute_act=t.recompute_granularity == "selective"
-                             and "mlp_act" in t.recompute_modules)
+                             and "mlp_act" in t.recompute_modules, vp_stage=vp_stage)
     if tcfg.transformer_impl != "transformer_engine":
         _portable_attention_backend(cfg.train.attention_backend)
     return spec
@@ -146,7 +146,6 @@ def build_model_chunks(cfg, tcfg) -> list:
     from hpctrain.model.mcore_config import gpt_model_kwargs
 
     m = cfg.model
-    spec = layer_spec(cfg, tcfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
     model_kw = gpt_model_kwargs(dict(
         padded_vocab_size=m.padded_vocab_size,
@@ -157,6 +156,7 @@ def build_model_chunks(cfg, tcfg) -> list:
     chunks = []
     for v in range(vpp):
         kw = dict(vp_stage=v) if vpp > 1 else {}
+        spec = layer_spec(cfg, tcfg, vp_stage=v if vpp > 1 else None)  # a MoE block spec is per stage
         chunks.append(GPTModel(
             config=tcfg, transformer_layer_spec=spec,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, **kw),
