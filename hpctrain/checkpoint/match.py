@@ -29,12 +29,17 @@ def model_tensor_shapes(sharded_state: dict) -> dict[str, tuple[int, ...]]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     out: dict[str, tuple[int, ...]] = {}
-    for v in nested_values(sharded_state):
-        if isinstance(v, ShardedTensorFactory):
-            for t in nested_values(v.build()):
-                out[t.key] = tuple(t.global_shape)
+
+    def visit(v) -> None:
+        if isinstance(v, ShardedTensorFactory):  # builds a dict, a list or (GroupedMLP's) one tensor
+            visit(v.build())
         elif isinstance(v, ShardedTensor):
             out[v.key] = tuple(v.global_shape)
+        elif isinstance(v, dict | list | tuple):
+            for x in nested_values(v):
+                visit(x)
+
+    visit(sharded_state)
     return out
 
 

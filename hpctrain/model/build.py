@@ -60,12 +60,14 @@ def build_gpt_model(args: Mapping[str, Any], *, params_dtype: torch.dtype = torc
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    cfg = mcore_config.transformer_config(args, tp=tp, pp=pp, params_dtype=params_dtype,
+    ep = ps.get_expert_model_parallel_world_size()
+    etp = ps.get_expert_tensor_parallel_world_size()
+    cfg = mcore_config.transformer_config(args, tp=tp, pp=pp, ep=ep, etp=etp, params_dtype=params_dtype,
                                           sequence_parallel=sequence_parallel, **config_overrides)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
-    model = GPTModel(cfg, select_layer_spec(cfg), pre_process=pre_process,
+    model = GPTModel(cfg, select_layer_spec(cfg, vp_stage=None), pre_process=pre_process,
                      post_process=post_process, **mcore_config.gpt_model_kwargs(args))
     return model.to(params_dtype)

@@ -27,7 +27,10 @@ CPU-only patches (``device_type == "cpu"``):
 * The MoE alltoall token dispatcher copies its split sizes to the host on a side CUDA stream
   (``torch.cuda.Stream()``, ``torch.cuda.stream(s)``, ``record_event().synchronize()``): on the
   CPU the tensors are on the host already, so the stream is a stand-in whose waits and events
-  are no-ops and ``torch.cuda.stream`` is a null context.
+  are no-ops and ``torch.cuda.stream`` is a null context. Its ``maybe_move_tensor_to_cpu(...,
+  as_numpy=True)`` only converts CUDA tensors, so on the CPU the split sizes stayed tensors, which
+  gloo's ``all_to_all_single`` rejects: CPU tensors are converted to numpy there too (what a CUDA
+  run hands over).
 * megatron-core >= 0.17 only: the DDP grad-bucket sync asks for ``torch.cuda.current_stream()`` on
   every step (to wait for CUDA-graph replays); on the CPU it gets a stream whose waits are no-ops
   (CPU ops are synchronous, and there are no CUDA graphs to wait for).
@@ -87,6 +90,7 @@ def apply(device_type: str) -> None:
         _patch_cuda_runtime_calls()
         _patch_rng_tracker()
         _patch_device_placement()
+        _patch_moe_host_copies()
         _applied.add("cpu")
 
 
@@ -179,6 +183,20 @@ class _CpuStream:
 
     def synchronize(self) -> None:
         pass
+
+
+def _patch_moe_host_copies() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
 def _patch_cuda_runtime_calls() -> None:

@@ -106,8 +106,29 @@ def transformer_config(cfg, device_type: str):
         from megatron.core.transformer.enums import AttnBackend
         kw["attention_backend"] = AttnBackend[t.attention_backend]
     kw.update(_fusion_flags(cfg, device_type))
+    kw.update(moe_config(cfg))
     kw.update(t.extra_megatron_kwargs or {})
     return TransformerConfig(**kw)
+
+
+def moe_config(cfg) -> dict:
+    """TransformerConfig MoE fields from [moe] (filled from a MoE model's config.json); {} for a dense model."""
+    from hpctrain.model.mcore_config import moe_kwargs
+
+    moe = cfg.moe
+    if not moe.num_experts:
+        return {}
+    kw = moe_kwargs(dict(num_experts=moe.num_experts, moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
+                         moe_router_topk=moe.moe_router_topk, moe_router_pre_softmax=moe.moe_router_pre_softmax,
+                         moe_layer_freq=moe.moe_layer_freq or 1, moe_aux_loss_coeff=moe.moe_aux_loss_coeff),
+                    ep=moe.expert_model_parallel_size, etp=moe.expert_tensor_parallel_size)
+    balancing = moe.moe_router_load_balancing_type
+    kw.update(moe_router_dtype=None if moe.moe_router_dtype == "none" else moe.moe_router_dtype,
+              moe_token_dispatcher_type=moe.moe_token_dispatcher_type, moe_grouped_gemm=bool(moe.moe_grouped_gemm),
+              moe_router_load_balancing_type=balancing)
+    if balancing == "none":
+        kw["moe_aux_loss_coeff"] = 0.0
+    return kw
 
 
 def layer_spec(cfg, tcfg, vp_stage: int | None = None):

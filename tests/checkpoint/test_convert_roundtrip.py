@@ -41,7 +41,7 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-KINDS = ["qwen2", "qwen2_tied", "llama3", "qwen3", "qwen3_tied"]
+KINDS = ["qwen2", "qwen2_tied", "llama3", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_mixed"]
 
 
 def to_mcore(hf: Path, mc: Path) -> None:
