@@ -8,6 +8,8 @@ are gathered) with the checkpoint's metadata, and refuses a mismatch with both l
 """
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import torch.distributed as tdist
@@ -43,12 +45,17 @@ def model_tensor_shapes(sharded_state: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
+# Optimizer state: "optimizer.*", or "chained_<i>.optimizer.*" when megatron-core chains one optimizer for
+# the dense parameters and one for the experts (a MoE model).
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+
+
 def checkpoint_tensor_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the model tensors stored in a torch_dist checkpoint (optimizer state excluded)."""
     from hpctrain.checkpoint.convert_dcp import DcpReader
 
     reader = DcpReader(ckpt_dir)
-    return {k: tuple(reader.shape(k)) for k in reader.tensor_keys() if not k.startswith("optimizer.")}
+    return {k: tuple(reader.shape(k)) for k in reader.tensor_keys() if not _OPTIMIZER_KEY.match(k)}
 
 
 def _whole_model(shapes: dict) -> dict:

@@ -30,7 +30,11 @@ CPU-only patches (``device_type == "cpu"``):
   are no-ops and ``torch.cuda.stream`` is a null context. Its ``maybe_move_tensor_to_cpu(...,
   as_numpy=True)`` only converts CUDA tensors, so on the CPU the split sizes stayed tensors, which
   gloo's ``all_to_all_single`` rejects: CPU tensors are converted to numpy there too (what a CUDA
-  run hands over).
+  run hands over). With expert tensor parallel (ETP > 1) next to EP the dispatcher gathers and
+  reduce-scatters UNEVEN token counts over the ETP group (``all_gather`` / ``reduce_scatter`` with
+  per-rank tensor lists); gloo only does even all-gathers and no list reduce-scatter, so on the CPU
+  those two go through an even all-gather of padded rows / an all-reduce of the whole tensor (same
+  numbers: sums in the same order, padding dropped).
 * megatron-core >= 0.17 only: the DDP grad-bucket sync asks for ``torch.cuda.current_stream()`` on
   every step (to wait for CUDA-graph replays); on the CPU it gets a stream whose waits are no-ops
   (CPU ops are synchronous, and there are no CUDA graphs to wait for).
@@ -91,6 +95,7 @@ def apply(device_type: str) -> None:
         _patch_rng_tracker()
         _patch_device_placement()
         _patch_moe_host_copies()
+        _patch_uneven_collectives()
         _applied.add("cpu")
 
 
@@ -197,6 +202,34 @@ def _patch_moe_host_copies() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _patch_uneven_collectives() -> None:
+    import torch.distributed as tdist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        rows = max(output_split_sizes)
+        padded = input_.new_zeros((rows,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((rows * group.size(),) + tuple(input_.shape[1:]))
+        tdist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[r * rows: r * rows + n] for r, n in enumerate(output_split_sizes)])
+
+    def scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        tdist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start: start + input_split_sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = scatter_uneven
 
 
 def _patch_cuda_runtime_calls() -> None:

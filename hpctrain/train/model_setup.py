@@ -184,7 +184,25 @@ def build_model_chunks(cfg, tcfg) -> list:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw), **model_kw, **kw))
     if cfg.train.cross_entropy_loss_fusion and cfg.train.cross_entropy_fusion_impl == "native":
         _chunked_cross_entropy(chunks, m.padded_vocab_size // cfg.parallel.tensor_model_parallel_size)
+    _experts_apart(chunks, tcfg)
     return chunks
+
+
+def _experts_apart(chunks: list, tcfg) -> None:
+    """Expert parameters in the expert-data-parallel buffers and optimizer at every EP size.
+
+    megatron-core tags expert weights ``allreduce = False`` (own grad buffers reduced over the
+    expert-DP group, own optimizer in a ChainedOptimizer) only when EP > 1. At EP = 1 they would
+    join the dense parameters: the optimizer checkpoint then has other keys ("optimizer.*" instead
+    of "chained_1.optimizer.*"), so a run could not resume at another EP size, and with ETP < TP
+    their gradients would be reduced over DP only although TP ranks hold copies. The expert-DP
+    group is the right one at every EP (at EP = 1, ETP = TP it is the DP group)."""
+    if not tcfg.num_moe_experts or tcfg.expert_model_parallel_size > 1:
+        return
+    for c in chunks:
+        for name, p in c.named_parameters():
+            if ".experts." in name:
+                p.allreduce = False
 
 
 def _chunked_cross_entropy(chunks: list, vocab_per_rank: int) -> None:

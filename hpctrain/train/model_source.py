@@ -160,6 +160,12 @@ def check_moe_layout(cfg) -> None:
         raise ConfigError(f"tensor_model_parallel_size = {p.tensor_model_parallel_size} on a MoE model needs "
                           "sequence_parallel = true (megatron-core's MoE layer refuses TP without SP in training): "
                           "add --sequence_parallel true")
+    if p.context_parallel_size > 1:
+        raise ConfigError("context_parallel_size > 1 with a MoE model is not built (the router's padding mask is "
+                          "not split over CP here): use expert / tensor / pipeline parallel")
+    if cfg.train.cuda_graph_impl != "none":
+        raise ConfigError("cuda_graph_impl with a MoE model is not built (token routing changes shapes every "
+                          "step): set cuda_graph_impl = none")
     if moe.moe_router_topk and moe.moe_router_topk > moe.num_experts:
         raise ConfigError(f"moe.moe_router_topk = {moe.moe_router_topk} > num_experts = {moe.num_experts}")
 
