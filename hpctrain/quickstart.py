@@ -288,7 +288,10 @@ def trained_model(run_dir: Path | None) -> str | None:
     if args is None or not args.is_file():
         return None
     m = json.loads(args.read_text()).get("model", {})
-    return (f"{m.get('model_type')}, {m.get('num_layers')} layers, RoPE base {m.get('rotary_base'):g}, "
+    # --model_type is refused (config.json decides the family), so the family is the copied config.json's.
+    hf = run_dir / "config.json"
+    family = json.loads(hf.read_text()).get("model_type") if hf.is_file() else m.get("model_type")
+    return (f"{family}, {m.get('num_layers')} layers, RoPE base {m.get('rotary_base'):g}, "
             f"dtype {m.get('torch_dtype')} (from {args})")
 
 

@@ -382,13 +382,3 @@ def nonfinite_advice(save_dir: str | None, cfg, bad_iteration: int) -> str:
     return (f"Warning: the last checkpoint saved before it, {where}, already holds the weights that "
             f"produced this value (updated by iteration {ref.iteration}'s step): resuming from it "
             f"repeats the failure; {alt}, perhaps with a lower --lr.")
-
-
-def _evaluate(cfg, chunks, valid, info, pad, same_len, logger, it, n_micro):
-    # eval_iters counts global batches, as in Megatron-LM: each is n_micro micro-batches per DP rank.
-    n = cfg.eval.eval_iters
-    mbs = valid(n * n_micro if n and n > 0 else None, cfg.train.micro_batch_size)
-    if not mbs:
-        return
-    loss, _ = step.eval_step(chunks, mbs, info.device, pad, same_len)
-    logger.eval(it, loss)

@@ -47,7 +47,7 @@ def main() -> int:
     from hpctrain import cli
     from hpctrain.train import entry
 
-    entry.build_data = lambda cfg, mode: (Source(False), None)
+    entry.build_data = lambda cfg, mode, model=None: (Source(False), None)
     if os.environ.get("FAULT_SLOW_WRITER"):
         _slow_writer(float(os.environ["FAULT_SLOW_WRITER"]))
     if os.environ.get("FAULT_NAN_AT"):

@@ -47,7 +47,9 @@ def trainer(*flags, env=None, timeout=600, preexec_fn=None) -> subprocess.Comple
 
 
 def save_flags(save, *extra, iters=6, interval=2) -> list:
-    return ["--train_iters", iters, "--save", save, "--add_version", "false", "--save_interval", interval, *extra]
+    # A resume with more --train_iters changes the LR/weight-decay schedule, which is refused unless the
+    # run says whose schedule wins (as in Megatron-LM): these tests take the new run's.
+    return ["--train_iters", iters, "--override_opt_param_scheduler", "true", "--save", save, "--add_version", "false", "--save_interval", interval, *extra]
 
 
 def error_line(proc: subprocess.CompletedProcess, command: str = "") -> str:

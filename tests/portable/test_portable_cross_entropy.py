@@ -2,18 +2,7 @@
 import pytest
 import torch
 
-from portable_tiny import VOCAB, init_single_process, tiny_config, tiny_gpt
-
-
-@pytest.fixture(scope="module")
-def mcore():
-    created = init_single_process()
-    yield
-    if created:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
+from portable_tiny import VOCAB, tiny_config, tiny_gpt
 
 
 @pytest.mark.parametrize("chunk", [3, 64])

@@ -1,19 +1,7 @@
 """A GPTModel built with the portable spec against megatron-core's local spec, and packed samples."""
-import pytest
 import torch
 
-from portable_tiny import VOCAB, init_single_process, tiny_config, tiny_gpt
-
-
-@pytest.fixture(scope="module")
-def mcore():
-    created = init_single_process()
-    yield
-    if created:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
+from portable_tiny import VOCAB, tiny_config, tiny_gpt
 
 
 def _ids(b, s, seed=0):

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The closing GPU lease of the 2026-12-02 session, one H200, in two calls (each < 10 min):
-#   call A:  bash tools/bench/gpu_final.sh setup fast hf mem7b lora
-#   call B:  bash tools/bench/gpu_final.sh setup moe m019
+#   call A:  bash tools/bench/gpu_final.sh setup fast mfu7b m019   (the lean trainer after the merges; 0.19.2)
+#   call B:  bash tools/bench/gpu_final.sh setup lora moe          (issues 20 and 21)
 # Stages (results under $OUT, at most 8 files come back: each stage writes one file, <stage>.txt,
 # with every JSON record / log tail it produced):
 #   fast   tests/train/test_trainer_gpu_fast.py: plain vs fast (CUDA graph) `hpctrain sft`, 0.5B shape,
 #          + tests/portable/test_portable_gpu.py; per-iteration records of both runs
 #   hf     bench_train.py: plain HF and HF + Liger on the same shape and batch (same lease as fast)
 #   mem7b  `hpctrain sft` on the 7B shape cut to 2 and 6 layers (mb 4 x 2048, selective core_attn +
-#          mlp_act: memory per layer) and 12 layers with the CUDA graph (MFU)
+#          mlp_act: memory per layer)
+#   mfu7b  the same shape at 12 layers with the whole-step CUDA graph (MFU)
 #   lora   tools/bench/bench_lora.py (issue 20)
 #   moe    tests/portable/test_portable_moe_gpu.py + tools/bench/bench_moe.py (issue 21)
 #   m019   megatron-core 0.19.2 from .whl019/: the portable + fast GPU tests and one bench_train run
@@ -86,7 +87,8 @@ for stage in "$@"; do
       for n in 2 6; do
         sft "mem7b_L$n" "$(model_dir "q7_$n" qwen2.5-7b-instruct.config.json "$n")" 100 --micro_batch_size 4 \
           --global_batch_size 8 --train_iters 8 --recompute_granularity selective --recompute_modules core_attn mlp_act
-      done
+      done ;;
+    mfu7b)
       sft "mfu7b_L12" "$(model_dir q7_12 qwen2.5-7b-instruct.config.json 12)" 120 --micro_batch_size 4 \
         --global_batch_size 8 --train_iters 10 --cuda_graph_impl local ;;
     lora)
