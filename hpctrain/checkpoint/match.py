@@ -50,6 +50,11 @@ def model_tensor_shapes(sharded_state: dict) -> dict[str, tuple[int, ...]]:
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 
+def is_optimizer_key(key: str) -> bool:
+    """Whether a torch_dist key holds optimizer state (plain or chained)."""
+    return _OPTIMIZER_KEY.match(key) is not None
+
+
 def checkpoint_tensor_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the model tensors stored in a torch_dist checkpoint (optimizer state excluded)."""
     from hpctrain.checkpoint.convert_dcp import DcpReader
