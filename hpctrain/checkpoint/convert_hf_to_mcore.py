@@ -25,7 +25,8 @@ from hpctrain.checkpoint.output import staged_output
 from hpctrain.files import check_json_files
 from hpctrain.model.build import model_args_from_hf
 from hpctrain.model.families import family_by_name, read_config_json, with_dtype
-from hpctrain.model.families.base import Geometry, is_layer_rule, layer_name
+from hpctrain.model.families.base import (Geometry, expert_name, is_expert_rule, is_layer_rule, layer_key,
+                                          layer_name, moe_pattern)
 from hpctrain.model.mcore_config import DTYPES
 from hpctrain.progress import Progress
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
                        "mlp.linear_fc2")
+EXPERT_EXTRA_STATE = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
 IGNORED_HF = ("rotary_emb.inv_freq",)
 
 
@@ -41,14 +43,25 @@ def geometry(args: dict[str, Any]) -> Geometry:
                     num_heads=args["num_attention_heads"], num_query_groups=args["num_query_groups"],
                     head_dim=args["kv_channels"], ffn_hidden_size=args["ffn_hidden_size"],
                     vocab_size=args["vocab_size"], padded_vocab_size=args["padded_vocab_size"],
-                    tied=not args["untie_embeddings_and_output_weights"])
+                    tied=not args["untie_embeddings_and_output_weights"], moe_layers=moe_pattern(args),
+                    num_experts=int(args.get("num_experts") or 0))
+
+
+def rule_hf_names(r, g: Geometry) -> set[str]:
+    """Every HF tensor name rule ``r`` reads or writes in this model."""
+    out = set()
+    for n in r.hf_names():
+        names = {layer_name(n, i) for i in g.layers_of(r.layers)} if "*" in n else {n}
+        if is_expert_rule(r):
+            names = {expert_name(x, e) for x in names for e in range(g.num_experts)}
+        out |= names
+    return out
 
 
 def _check_names(src, rules, g: Geometry) -> None:
     need = set()
     for r in rules:
-        for n in r.hf_names():
-            need.update({layer_name(n, i) for i in range(g.num_layers)} if "*" in n else {n})
+        need |= rule_hf_names(r, g)
     missing = sorted(need - set(src.names()))
     if missing:
         raise KeyError(f"{src.dir}: {len(missing)} tensors the config needs are missing, e.g. "
@@ -68,25 +81,54 @@ def plan_items(src, args: dict[str, Any], dtype: torch.dtype | None) -> list:
     _check_names(src, rules, g)
     items: list = []
     for r in rules:
-        layer = is_layer_rule(r)
-        names0 = {n: layer_name(n, 0) for n in r.hf_names()}
-        shape = r.mcore_shape({n: src.shape(n0) for n, n0 in names0.items()}, g)
-        dt = dtype or src.dtype(next(iter(names0.values())))
+        items += _rule_items(src, r, g, dtype)
+    items += extra_state_items(g)
+    return items
 
-        def make(i: int | None, r=r, dt=dt):
-            get = (lambda n: src.get(layer_name(n, i))) if i is not None else src.get
-            return r.to_mcore(get, g).to(dt)
 
-        if layer:
-            items += cd.iter_layer_chunks(r.mcore.replace(".*.", "."), shape, dt,
-                                          range(g.num_layers), make)
-        else:
-            items.append(cd.LazyChunk(r.mcore, shape, (0,) * len(shape), shape, dt,
-                                      lambda make=make: make(None)))
-    for m in EXTRA_STATE_MODULES:
-        for i in range(g.num_layers):
-            key = cd.sharded_object_key(f"decoder.layers.{m}._extra_state", (i,), (g.num_layers,))
-            items.append(cd.LazyBytes(key, cd.none_bytes))
+def _rule_items(src, r, g: Geometry, dtype: torch.dtype | None) -> list:
+    """The lazy chunks of one rule: one per layer (and per expert), or the whole tensor."""
+    layers = g.layers_of(r.layers) if is_layer_rule(r) else [None]
+    if not layers:  # e.g. the dense-MLP rules of a model whose layers are all MoE
+        return []
+    first = layers[0] if layers[0] is not None else 0
+    names0 = {n: expert_name(layer_name(n, first), 0) for n in r.hf_names()}
+    shape = r.mcore_shape({n: src.shape(n0) for n, n0 in names0.items()}, g)
+    dt = dtype or src.dtype(next(iter(names0.values())))
+    experts = list(range(g.num_experts)) if is_expert_rule(r) else [None]
+    lead = (g.num_experts,) if is_expert_rule(r) else ()
+
+    def make(i, e, r=r):
+        get = (lambda n: src.get(layer_name(n, i))) if i is not None else src.get
+        return (r.to_mcore(get, g, e) if e is not None else r.to_mcore(get, g)).to(dt)
+
+    items = []
+    for i in layers:
+        for e in experts:
+            axes = () if i is None or g.per_layer_keys else (i,)
+            full = ((g.num_layers,) if axes else ()) + lead + shape
+            off = axes + ((e,) if e is not None else ()) + (0,) * len(shape)
+            sizes = (1,) * (len(axes) + len(lead)) + shape
+            key = layer_key(r, i, g) if i is not None else r.mcore
+            items.append(cd.LazyChunk(key, full, off, sizes, dt,
+                                      lambda i=i, e=e: make(i, e).reshape(sizes)))
+    return items
+
+
+def extra_state_items(g: Geometry) -> list:
+    """The empty ``_extra_state`` objects megatron-core's linears (and experts) save, per layer."""
+    items = []
+    for i in range(g.num_layers):
+        moe = bool(g.moe_layers and g.moe_layers[i])
+        mods = EXTRA_STATE_MODULES[:2] + (EXPERT_EXTRA_STATE if moe else EXTRA_STATE_MODULES[2:])
+        for m in mods:
+            key = f"decoder.layers.{i}.{m}._extra_state" if g.per_layer_keys else f"decoder.layers.{m}._extra_state"
+            layer_off, layer_n = ((), ()) if g.per_layer_keys else ((i,), (g.num_layers,))
+            experts = range(g.num_experts) if m in EXPERT_EXTRA_STATE else [None]
+            for e in experts:
+                off = layer_off + ((e,) if e is not None else ())
+                n = layer_n + ((g.num_experts,) if e is not None else ())
+                items.append(cd.LazyBytes(cd.sharded_object_key(key, off or (0,), n or (1,)), cd.none_bytes))
     return items
 
 

@@ -19,7 +19,7 @@ from hpctrain.checkpoint.locate import model_args_from_checkpoint
 from hpctrain.checkpoint.output import staged_output
 from hpctrain.files import check_json_files
 from hpctrain.model.families import family_by_name, read_config_json, with_dtype
-from hpctrain.model.families.base import is_layer_rule, layer_name
+from hpctrain.model.families.base import is_expert_rule, is_layer_rule, layer_key, layer_name
 from hpctrain.model.mcore_config import DTYPES
 from hpctrain.progress import Progress
 
@@ -49,19 +49,34 @@ def iter_hf_from_mcore(reader: DcpReader, args: dict, dtype: torch.dtype | None 
             yield from emit(r.to_hf(reader.read(r.mcore), g))
     for i in range(g.num_layers):
         for r in per_layer:
-            key = r.mcore.replace(".*.", ".")
-            shape = reader.shape(key)
-            if shape[0] != g.num_layers:
-                check(key, (g.num_layers,) + shape[1:])
-            t = reader.read(key, (i,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
-            if merge is not None:
-                t = merge(key, i, t)
-            yield from emit({layer_name(k, i): v for k, v in r.to_hf(t, g).items()})
+            if i in g.layers_of(r.layers):
+                yield from emit({layer_name(k, i): v for k, v in _layer_to_hf(reader, r, i, g, check, merge).items()})
         if bar is not None:
             bar.update(1)
     for r in glob:
         if not r.mcore.startswith("embedding."):
             yield from emit(r.to_hf(reader.read(r.mcore), g))
+
+
+def _layer_to_hf(reader: DcpReader, r, i: int, g, check, merge=None) -> dict[str, torch.Tensor]:
+    """HF tensors (names with ``*`` still in them) of rule ``r`` at layer ``i``, one chunk read at a time;
+    ``merge`` (LoRA, dense layers only: adapters are not put on experts) first folds the adapter in."""
+    key = layer_key(r, i, g)
+    shape = reader.shape(key)
+    lead = () if g.per_layer_keys else (g.num_layers,)
+    if lead and shape[0] != g.num_layers:
+        check(key, lead + shape[1:])
+    if is_expert_rule(r) and shape[len(lead)] != g.num_experts:
+        check(key, lead + (g.num_experts,) + shape[len(lead) + 1:])
+    inner = shape[len(lead) + (1 if is_expert_rule(r) else 0):]
+    out: dict[str, torch.Tensor] = {}
+    for e in range(g.num_experts) if is_expert_rule(r) else [None]:
+        pre = ((i,) if lead else ()) + ((e,) if e is not None else ())
+        t = reader.read(key, pre + (0,) * len(inner), (1,) * len(pre) + inner).reshape(inner)
+        if merge is not None and e is None:
+            t = merge(r.mcore.replace(".*.", "."), i, t)
+        out.update(r.to_hf(t, g, e) if e is not None else r.to_hf(t, g))
+    return out
 
 
 def mcore_to_hf(mcore_model: str, output_dir: str, torch_dtype: str | None = None,

@@ -100,7 +100,8 @@ def _lora_fit(ref_path, content: dict, chunks, finetune: bool) -> bool:
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
     return dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
-                dp=ps.get_data_parallel_world_size())
+                dp=ps.get_data_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
+                etp=ps.get_expert_tensor_parallel_world_size())
 
 
 def _rng_object(state=None, per_dp: bool = True):
@@ -314,14 +315,18 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
     want_optim = (not finetune and load_optim and optimizer is not None and content.get("optimizer")
                   and with_lora == _has_lora(chunks))
     saved_layout = meta.get("layout", {})
-    same_layout = saved_layout.get("tp") == _layout()["tp"] and saved_layout.get("pp") == _layout()["pp"]
+    now = _layout()
+    # Checkpoints from before EP was recorded were written at EP = ETP... = 1 / TP (the defaults).
+    same_layout = all(saved_layout.get(k, {"ep": 1, "etp": saved_layout.get("tp")}.get(k)) == now[k]
+                      for k in ("tp", "pp", "ep", "etp"))
     if want_optim and not same_layout and _is_distributed_optimizer(optimizer):
-        # megatron-core 0.16.1's dp_reshardable buffers follow the TP/PP layout (a DP change is fine);
-        # loading them at another TP/PP dies deep inside with KeyError 'optimizer.distributed...'.
-        raise ValueError(f"{ref.path}: the distributed optimizer state was saved at TP={saved_layout.get('tp')} "
-                         f"PP={saved_layout.get('pp')} and cannot be loaded at TP={_layout()['tp']} "
-                         f"PP={_layout()['pp']}; resume at the saved TP/PP, or pass --no_load_optim true "
-                         "(weights, iteration and schedule are kept; Adam moments restart)")
+        # megatron-core 0.16.1's dp_reshardable buffers follow the TP/PP/EP layout (a DP change is fine);
+        # loading them at another layout dies deep inside with KeyError 'optimizer.distributed...'.
+        def where(d):
+            return f"TP={d.get('tp')} PP={d.get('pp')} EP={d.get('ep', 1)} ETP={d.get('etp', d.get('tp'))}"
+        raise ValueError(f"{ref.path}: the distributed optimizer state was saved at {where(saved_layout)} and "
+                         f"cannot be loaded at {where(now)}; resume at the saved layout, or pass "
+                         "--no_load_optim true (weights, iteration and schedule are kept; Adam moments restart)")
     if want_optim:
         _ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(_model_sharded(chunks), is_loading=True,

@@ -8,6 +8,8 @@ are gathered) with the checkpoint's metadata, and refuses a mismatch with both l
 """
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import torch.distributed as tdist
@@ -29,13 +31,28 @@ def model_tensor_shapes(sharded_state: dict) -> dict[str, tuple[int, ...]]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     out: dict[str, tuple[int, ...]] = {}
-    for v in nested_values(sharded_state):
-        if isinstance(v, ShardedTensorFactory):
-            for t in nested_values(v.build()):
-                out[t.key] = tuple(t.global_shape)
+
+    def visit(v) -> None:
+        if isinstance(v, ShardedTensorFactory):  # builds a dict, a list or (GroupedMLP's) one tensor
+            visit(v.build())
         elif isinstance(v, ShardedTensor):
             out[v.key] = tuple(v.global_shape)
+        elif isinstance(v, dict | list | tuple):
+            for x in nested_values(v):
+                visit(x)
+
+    visit(sharded_state)
     return out
+
+
+# Optimizer state: "optimizer.*", or "chained_<i>.optimizer.*" when megatron-core chains one optimizer for
+# the dense parameters and one for the experts (a MoE model).
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+
+
+def is_optimizer_key(key: str) -> bool:
+    """Whether a torch_dist key holds optimizer state (plain or chained)."""
+    return _OPTIMIZER_KEY.match(key) is not None
 
 
 def checkpoint_tensor_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -43,7 +60,7 @@ def checkpoint_tensor_shapes(ckpt_dir: Path) -> dict[str, tuple[int, ...]]:
     from hpctrain.checkpoint.convert_dcp import DcpReader
 
     reader = DcpReader(ckpt_dir)
-    return {k: tuple(reader.shape(k)) for k in reader.tensor_keys() if not k.startswith("optimizer.")}
+    return {k: tuple(reader.shape(k)) for k in reader.tensor_keys() if not _OPTIMIZER_KEY.match(k)}
 
 
 def _whole_model(shapes: dict) -> dict:

@@ -41,10 +41,12 @@ class PrecisionReport:
     pp: int
     ok: bool
     reference: str = ""
+    ep: int = 1
 
     def line(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
-        return (f"precision {verdict}: {self.tokens} tokens, TP={self.tp} PP={self.pp}, mean abs diff "
+        ep = f" EP={self.ep}" if self.ep > 1 else ""
+        return (f"precision {verdict}: {self.tokens} tokens, TP={self.tp} PP={self.pp}{ep}, mean abs diff "
                 f"{self.mean_abs_diff:.3e}, max abs diff {self.max_abs_diff:.3e} (tol {MAX_ABS_TOL:g}), "
                 f"argmax agreement {self.argmax_agreement:.2%}, reference {self.reference}")
 
@@ -155,14 +157,15 @@ def mcore_logits(model, ids: torch.Tensor, device: torch.device) -> torch.Tensor
     return full.float().cpu() if ps.get_tensor_model_parallel_rank() == 0 else None
 
 
-def compare(hf: torch.Tensor, mc: torch.Tensor, tp: int, pp: int, reference: str = "") -> PrecisionReport:
+def compare(hf: torch.Tensor, mc: torch.Tensor, tp: int, pp: int, reference: str = "",
+            ep: int = 1) -> PrecisionReport:
     mc = mc[..., : hf.shape[-1]]
     diff = (hf - mc).abs()
     agree = (hf.argmax(-1) == mc.argmax(-1)).float().mean().item()
     mx = diff.max().item()
     return PrecisionReport(tokens=hf.shape[1], mean_abs_diff=diff.mean().item(), max_abs_diff=mx,
                            argmax_agreement=agree, tp=tp, pp=pp, ok=mx < MAX_ABS_TOL and agree == 1.0,
-                           reference=reference)
+                           reference=reference, ep=ep)
 
 
 def check_precision(reference: str, mcore_dir: str, tp: int = 1, pp: int = 1) -> PrecisionReport | None:
@@ -172,8 +175,8 @@ def check_precision(reference: str, mcore_dir: str, tp: int = 1, pp: int = 1) ->
     return check_many([(reference, mcore_dir)], [(tp, pp)])[0]
 
 
-def check_many(pairs: list[tuple[str, str]], layouts: list[tuple[int, int]]) -> list:
-    """Reports for every (reference, mcore dir) pair at every (TP, PP) layout, in one process group.
+def check_many(pairs: list[tuple[str, str]], layouts: list[tuple[int, ...]]) -> list:
+    """Reports for every (reference, mcore dir) pair at every (TP, PP[, EP]) layout, in one process group.
     A reference is an HF model dir or a GGUF file / dir holding one (see ``Reference``).
 
     All HF models run first, before the process group is set up, so each HF model is freed
@@ -189,12 +192,13 @@ def check_many(pairs: list[tuple[str, str]], layouts: list[tuple[int, int]]) -> 
         refs.append(reference_logits(model, device) + (Reference.of(model).describe(),))
     info = dist.init_distributed({"device": device.type})
     out = []
-    for tp, pp in layouts:
-        dist.init_model_parallel(tp=tp, pp=pp, seed=1234)
+    for tp, pp, *rest in layouts:
+        ep = rest[0] if rest else 1
+        dist.init_model_parallel(tp=tp, pp=pp, ep=ep, seed=1234)
         for (_, mcore_dir), (ids, ref, what) in zip(pairs, refs):
             model, _ = load_mcore_model(mcore_dir, info.device)
             mc = mcore_logits(model, ids, info.device)
-            out.append(None if mc is None else compare(ref, mc, tp, pp, what))
+            out.append(None if mc is None else compare(ref, mc, tp, pp, what, ep))
     return out
 
 
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mcore", action="append", required=True,
                    help="megatron-core checkpoint dir, one per --hf")
     p.add_argument("--layout", action="append", default=None,
-                   help="TPxPP to load the mcore checkpoint at (repeatable; default 1x1)")
+                   help="TPxPP or TPxPPxEP to load the mcore checkpoint at (repeatable; default 1x1)")
     p.add_argument("--json", default=None, help="write the reports here (reporting rank)")
     a = p.parse_args(argv)
     if len(a.hf) != len(a.mcore):

@@ -1,4 +1,4 @@
-"""``hpctrain reshard CKPT --tp T --pp P --out D [--format torch_dist|torch]``: offline, CPU only.
+"""``hpctrain reshard CKPT --tp T --pp P [--ep E --etp T2] --out D [--format torch_dist|torch]``: offline, CPU only.
 
 Formats, in and out (the input's is detected):
 
@@ -11,7 +11,9 @@ Formats, in and out (the input's is detected):
   another TP/PP re-lay the weights with hpctrain.native's kernels.
 
 Checks: TP must divide heads, query groups, ffn and the padded vocabulary (from config.json,
-args.json or the legacy args, whichever the checkpoint has), PP the layers.
+args.json or the legacy args, whichever the checkpoint has), PP the layers; for a MoE model EP the
+experts and ETP the expert FFN. MoE checkpoints are torch_dist only (their experts are global tensors
+there, so a change of EP is a verified copy, like a change of TP).
 
 Optimizer state. Carried only where it stays valid: torch_dist -> torch_dist copies it, except the
 distributed optimizer's ``dp_reshardable`` buffers (hpctrain's default) when TP or PP change: those
@@ -46,7 +48,8 @@ from hpctrain.checkpoint import convert_dcp as cd
 from hpctrain.checkpoint import layout, legacy, safe_pickle
 from hpctrain.checkpoint.formats import find_input
 from hpctrain.checkpoint.output import Flags, staged_output
-from hpctrain.model.mcore_config import check_pp, check_tp
+from hpctrain.checkpoint.match import is_optimizer_key
+from hpctrain.model.mcore_config import check_ep, check_pp, check_tp
 from hpctrain.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,11 @@ def command_line():
              config="parallel.tensor_model_parallel_size"),
         flag("--pp", "--pipeline_model_parallel_size", type=int, required=True, help="target PP size",
              config="parallel.pipeline_model_parallel_size"),
+        flag("--ep", "--expert_model_parallel_size", type=int, default=1, config="moe.expert_model_parallel_size",
+             help="target expert parallel size (MoE models; must divide num_experts)"),
+        flag("--etp", "--expert_tensor_parallel_size", type=int, default=None,
+             config="moe.expert_tensor_parallel_size",
+             help="target expert tensor parallel size (MoE models; default: the TP size)"),
         flag("--out", "--output_dir", required=True, help="output checkpoint root"),
         flag("--format", "--ckpt_format", choices=("torch_dist", "torch"), default="torch_dist",
              config="checkpoint.ckpt_format",
@@ -96,7 +104,7 @@ def _common(ref: layout.CheckpointRef) -> dict:
 def dist_source(ref: layout.CheckpointRef) -> legacy.DistSource:
     common = _common(ref)
     reader = cd.DcpReader(ref.path)
-    optim = [k for k in reader.keys() if k.startswith("optimizer.")]
+    optim = [k for k in reader.keys() if is_optimizer_key(k)]
     meta = legacy.Meta(iteration=int(common.get("iteration", ref.iteration)), release=ref.release,
                        consumed_train_samples=int(common.get("consumed_train_samples", 0)),
                        opt_param_scheduler=common.get("opt_param_scheduler"),
@@ -120,8 +128,8 @@ def model_args(root: Path, src: legacy.Source) -> dict:
     return dict(src.meta.model_args)
 
 
-def check_layout(root: Path, src: legacy.Source, tp: int, pp: int) -> dict:
-    """Refuse a TP/PP that does not fit the model; returns the model arguments found."""
+def check_layout(root: Path, src: legacy.Source, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> dict:
+    """Refuse a TP/PP/EP/ETP that does not fit the model; returns the model arguments found."""
     args = model_args(root, src)
     args.setdefault("num_layers", src.num_layers)
     if legacy.EMBED in src.tensors:
@@ -129,6 +137,11 @@ def check_layout(root: Path, src: legacy.Source, tp: int, pp: int) -> dict:
     check_tp({k: args.get(k) for k in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
                                        "padded_vocab_size")}, tp)
     check_pp({"num_layers": src.num_layers}, pp)
+    check_ep(args, ep)
+    ffn, etp = args.get("moe_ffn_hidden_size"), etp or tp
+    if args.get("num_experts") and ffn and ffn % etp:
+        raise ValueError(f"expert_tensor_parallel_size={etp} does not divide moe_ffn_hidden_size={ffn}; "
+                         "pick an ETP that divides it")
     if not args.get("num_attention_heads"):
         log.warning("%s: no config.json/args.json/args with num_attention_heads: TP=%d checked against "
                     "the tensor shapes only", root, tp)
@@ -137,20 +150,25 @@ def check_layout(root: Path, src: legacy.Source, tp: int, pp: int) -> dict:
 
 # --- the conversions ----------------------------------------------------------------------
 def reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool = False, progress: bool = True,
-            fmt: str = "torch_dist", no_optim: bool = False, trust_pickle: bool = False
-            ) -> layout.CheckpointRef:
-    """Re-lay ``ckpt`` out at TP x PP in ``out``. Its pickles are read through safe_pickle (a global
-    outside the allow-list is refused) unless ``trust_pickle``."""
+            fmt: str = "torch_dist", no_optim: bool = False, trust_pickle: bool = False, ep: int = 1,
+            etp: int | None = None) -> layout.CheckpointRef:
+    """Re-lay ``ckpt`` out at TP x PP (x EP x ETP for a MoE model) in ``out``. Its pickles are read
+    through safe_pickle (a global outside the allow-list is refused) unless ``trust_pickle``."""
     with safe_pickle.trusted(trust_pickle):
-        return _reshard(ckpt, tp, pp, out, overwrite, progress, fmt, no_optim)
+        return _reshard(ckpt, (tp, pp, ep, etp or tp), out, overwrite, progress, fmt, no_optim)
 
 
-def _reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool, progress: bool, fmt: str,
+def _reshard(ckpt: str, sizes: tuple, out: str, overwrite: bool, progress: bool, fmt: str,
              no_optim: bool) -> layout.CheckpointRef:
+    tp, pp, ep, etp = sizes
     ref, kind = find_input(ckpt)
     src = dist_source(ref) if kind == "torch_dist" else legacy.LegacySource(ref.path)
-    src.meta.model_args = {**check_layout(ref.root, src, tp, pp), **src.meta.model_args}  # -> legacy args
-    drop_optim = _optimizer_policy(ref, kind, src, fmt, tp, pp, no_optim)
+    args = check_layout(ref.root, src, tp, pp, ep, etp)
+    if args.get("num_experts") and (kind == "torch" or fmt == "torch"):
+        raise ValueError(f"{ref.path}: a MoE model in Megatron-LM's legacy per-rank format is not built (its "
+                         "expert files per EP rank are not written or read here): use --format torch_dist")
+    src.meta.model_args = {**args, **src.meta.model_args}  # -> legacy args
+    drop_optim = _optimizer_policy(ref, kind, src, fmt, sizes, no_optim)
     inputs = [ref.path] + [f for f in ref.root.iterdir() if f.is_file()]
     with staged_output(out, overwrite, inputs, Flags(out="--out", overwrite="--overwrite")) as dst_root:
         dst = layout.checkpoint_dir(dst_root, layout.RELEASE if ref.release else ref.iteration)
@@ -171,8 +189,7 @@ def _reshard(ckpt: str, tp: int, pp: int, out: str, overwrite: bool, progress: b
     return layout.complete_checkpoint(out)
 
 
-def _optimizer_policy(ref, kind: str, src: legacy.Source, fmt: str, tp: int, pp: int,
-                      no_optim: bool) -> bool:
+def _optimizer_policy(ref, kind: str, src: legacy.Source, fmt: str, sizes: tuple, no_optim: bool) -> bool:
     """True when optimizer state is dropped (with a warning); raises when it would be lost silently."""
     found = src.meta.optimizer
     if not found:
@@ -184,12 +201,13 @@ def _optimizer_policy(ref, kind: str, src: legacy.Source, fmt: str, tp: int, pp:
         why = "the legacy format is written with weights only"
     else:
         saved = (_common(ref).get("hpctrain") or {}).get("layout") or {}
-        distributed = any(".distributed." in k for k in src.reader.keys() if k.startswith("optimizer."))
-        if distributed and (saved.get("tp"), saved.get("pp")) != (tp, pp):
+        was = (saved.get("tp"), saved.get("pp"), saved.get("ep", 1), saved.get("etp", saved.get("tp")))
+        distributed = any(".distributed." in k for k in src.reader.keys() if is_optimizer_key(k))
+        if distributed and was != tuple(sizes):
             why = (f"the distributed optimizer's dp_reshardable buffers follow the saved layout "
-                   f"TP={saved.get('tp')} PP={saved.get('pp')} and would not load at TP={tp} PP={pp} "
-                   "(save with use_distributed_optimizer=false for per-parameter optimizer state, "
-                   "which any layout loads)")
+                   f"TP={was[0]} PP={was[1]} EP={was[2]} ETP={was[3]} and would not load at TP={sizes[0]} "
+                   f"PP={sizes[1]} EP={sizes[2]} ETP={sizes[3]} (save with use_distributed_optimizer=false for "
+                   "per-parameter optimizer state, which any layout loads)")
     if why is None:
         return False
     if not no_optim:
@@ -203,7 +221,7 @@ def _dist_to_dist(ref, src: legacy.DistSource, dst: Path, drop_optim: bool, prog
     reader = src.reader
 
     def keep(k: str) -> bool:  # the common state goes to common.pt below, which every version reads first
-        return not k.startswith(COMMON_OBJECT) and not (drop_optim and k.startswith("optimizer."))
+        return not k.startswith(COMMON_OBJECT) and not (drop_optim and is_optimizer_key(k))
 
     items = [it for it in _copy_items(reader) if keep(it.key)]
     bar = Progress(len(items), "reshard", "tensors", enabled=progress)
@@ -327,10 +345,10 @@ def run(argv: list[str]) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         ref = reshard(a.ckpt, a.tp, a.pp, a.out, a.overwrite, not a.no_progress, a.format, a.no_optim,
-                      a.trust_pickle)
+                      a.trust_pickle, a.ep, a.etp)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"hpctrain reshard: {e}", file=sys.stderr)
         return 1
-    where = "loads at any TP/PP" if a.format == "torch_dist" else f"TP={a.tp} PP={a.pp} rank files"
+    where = "loads at any TP/PP/EP" if a.format == "torch_dist" else f"TP={a.tp} PP={a.pp} rank files"
     print(f"wrote {ref.path} ({a.format}, verified; {where})")
     return 0

@@ -43,6 +43,14 @@ def _layout(cfg: JobConfig, world: int) -> None:
         raise ConfigError(f"{formula} does not divide the {world} process(es) of this run: launch a multiple "
                           f"of {need} processes (NPROC_PER_NODE, torchrun --nproc_per_node, srun tasks) or "
                           "change the parallel sizes")
+    ep = cfg.moe.expert_model_parallel_size
+    etp = cfg.moe.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    expert = etp * ep * p.pipeline_model_parallel_size
+    if ep * etp > 1 and world % expert:
+        raise ConfigError(f"expert_tensor_parallel({etp}) * expert_model_parallel({ep}) * pp("
+                          f"{p.pipeline_model_parallel_size}) = {expert} does not divide the {world} process(es) of "
+                          "this run: the experts of each pipeline stage are split over ETP x EP ranks; change "
+                          "the sizes or the number of processes")
     dp = world // need
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size "

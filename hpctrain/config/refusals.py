@@ -20,8 +20,6 @@ from hpctrain.config.sections import SECTIONS
 
 # The message for a section's `unsupported=True` fields (MoE, LoRA and DPO keys are wired section by section).
 SECTION_MESSAGES = {
-    "moe": "Mixture-of-Experts and Multi-Latent Attention models are not built yet: hpctrain trains dense "
-           "models (Qwen2/Qwen2.5, Llama); remove the [moe] keys",
     "tuner": "freezing parameters by name is not built: train all parameters (train_type full) or "
              "adapters (train_type lora, docs/lora.md); remove the key",
     "rlhf": "[rlhf] is not built: hpctrain trains sft and pt only (no DPO, no reference model); "
@@ -75,6 +73,14 @@ VALUE_REFUSALS: list[tuple[str, Any, str]] = [
     ("precision.apply_query_key_layer_scaling", True,
      "no attention here applies it (the portable attention's SDPA kernels accumulate QK^T in fp32 and take "
      "no per-layer scale; Transformer Engine needs NVTE_APPLY_QK_LAYER_SCALING): set it false"),
+    ("moe.moe_token_dispatcher_type", "flex",
+     "the flex dispatcher needs DeepEP or Transformer Engine's fused a2a: use alltoall (or allgather)"),
+    ("moe.moe_token_dispatcher_type", "alltoall_seq",
+     "alltoall_seq was removed from megatron-core (0.13+): use alltoall"),
+    ("moe.moe_router_load_balancing_type", "seq_aux_loss",
+     "the per-sequence aux loss is not built (Qwen3-MoE trains with the Switch-style aux loss): use aux_loss or none"),
+    ("moe.moe_router_load_balancing_type", "sinkhorn",
+     "Sinkhorn routing is not built (Qwen3-MoE routes by softmax top-k): use aux_loss or none"),
     ("precision.attention_softmax_in_fp32", False,
      "the attention kernels (SDPA, flex_attention, Transformer Engine) compute the softmax in fp32 whatever "
      "this says: remove attention_softmax_in_fp32 = false"),

@@ -366,41 +366,59 @@ class SlurmConfig:
     folder: str = opt("runs/slurm", "directory for job scripts and logs (a fresh subfolder per submission)")
 
 
+_MOE_UNBUILT = ("not built for the Qwen3-MoE experts hpctrain trains (softmax top-k router, no shared expert, "
+                "no token dropping); remove the key")
+_MLA = "Multi-Latent Attention (DeepSeek) is not built: hpctrain's MoE family is Qwen3-MoE; remove the key"
+
+
 @dataclass
 class MoeConfig:
-    """Mixture-of-Experts and Multi-Latent Attention (not supported in this version)."""
+    """Mixture of Experts (Qwen3-MoE): read from config.json for a MoE model; parallel and kernel choices.
 
-    num_experts: int | None = opt(None, "experts per MoE layer", unsupported=True)
-    moe_layer_freq: str | None = opt(None, "MoE/dense layer pattern", unsupported=True)
-    moe_ffn_hidden_size: int | None = opt(None, "expert FFN size", unsupported=True)
-    moe_shared_expert_intermediate_size: int | None = opt(None, "shared expert FFN size", unsupported=True)
-    moe_router_topk: int | None = opt(None, "experts per token", unsupported=True)
-    moe_router_pre_softmax: bool | None = opt(None, "softmax before top-k", unsupported=True)
-    moe_router_dtype: str = opt("fp32", "router dtype", choices=("none", "fp32", "fp64"), unsupported=True)
+    ``None`` fields come from the HF config.json (families/qwen3_moe.py); a value you set wins."""
+
+    num_experts: int | None = opt(None, "experts per MoE layer (config.json num_experts / num_local_experts)")
+    moe_layer_freq: str | None = opt(None, "which layers are MoE: an int N (layers 0, N, 2N...), a 0/1 list "
+                                           "'[0,1,1]' or '([0]*1+[1]*47)'; from mlp_only_layers / "
+                                           "decoder_sparse_step")
+    moe_ffn_hidden_size: int | None = opt(None, "expert FFN size (config.json moe_intermediate_size)")
+    moe_shared_expert_intermediate_size: int | None = opt(None, "shared expert FFN size", unsupported=_MOE_UNBUILT)
+    moe_router_topk: int | None = opt(None, "experts per token (config.json num_experts_per_tok)")
+    moe_router_pre_softmax: bool | None = opt(None, "softmax over all experts before top-k (= not norm_topk_prob)")
+    moe_router_dtype: str = opt("fp32", "dtype of the router's logits and softmax", choices=("none", "fp32", "fp64"))
     moe_router_score_function: str | None = opt(None, "router score", choices=("softmax", "sigmoid"),
-                                                unsupported=True)
-    moe_router_bias_update_rate: float = opt(1e-3, "expert bias update rate", unsupported=True)
-    moe_router_enable_expert_bias: bool | None = opt(None, "aux-loss-free expert bias", unsupported=True)
-    moe_router_topk_scaling_factor: float | None = opt(None, "top-k score scaling", unsupported=True)
-    moe_router_load_balancing_type: str | None = opt(None, "load balancing", unsupported=True,
-                                                     choices=("aux_loss", "seq_aux_loss", "sinkhorn", "none"))
-    expert_model_parallel_size: int = opt(1, "expert parallel size", unsupported=True)
-    expert_tensor_parallel_size: int = opt(1, "expert tensor parallel size", unsupported=True)
-    moe_token_dispatcher_type: str = opt("alltoall", "token dispatcher", unsupported=True,
-                                         choices=("allgather", "alltoall", "flex", "alltoall_seq"))
-    moe_enable_deepep: bool = opt(False, "DeepEP dispatch", unsupported=True)
-    moe_grouped_gemm: bool = opt(False, "grouped GEMM experts", unsupported=True)
-    moe_permute_fusion: bool = opt(False, "fused token permutation", unsupported=True)
-    moe_aux_loss_coeff: float = opt(0.0, "aux loss coefficient", unsupported=True)
-    moe_z_loss_coeff: float | None = opt(None, "z-loss coefficient", unsupported=True)
-    moe_expert_capacity_factor: float | None = opt(None, "expert capacity factor", unsupported=True)
-    moe_shared_expert_overlap: bool = opt(False, "overlap shared experts with dispatch", unsupported=True)
-    moe_token_drop_policy: str = opt("probs", "token drop policy", choices=("probs", "position"), unsupported=True)
-    multi_latent_attention: bool = opt(False, "Multi-Latent Attention", unsupported=True)
-    q_lora_rank: int | None = opt(None, "MLA query rank", unsupported=True)
-    kv_lora_rank: int | None = opt(None, "MLA key/value rank", unsupported=True)
-    qk_head_dim: int | None = opt(None, "MLA QK head dim", unsupported=True)
-    qk_pos_emb_head_dim: int | None = opt(None, "MLA QK positional head dim", unsupported=True)
+                                                unsupported=_MOE_UNBUILT)
+    moe_router_bias_update_rate: float = opt(1e-3, "expert bias update rate", unsupported=_MOE_UNBUILT)
+    moe_router_enable_expert_bias: bool | None = opt(None, "aux-loss-free expert bias", unsupported=_MOE_UNBUILT)
+    moe_router_topk_scaling_factor: float | None = opt(None, "top-k score scaling", unsupported=_MOE_UNBUILT)
+    moe_router_load_balancing_type: str = opt("aux_loss", "load balancing: aux_loss (Switch-style, per layer) or "
+                                                          "none", choices=("aux_loss", "seq_aux_loss", "sinkhorn",
+                                                                           "none"))
+    expert_model_parallel_size: int = opt(1, "expert parallel size: experts split over this many ranks (divides "
+                                             "num_experts and the data-parallel ranks)")
+    expert_tensor_parallel_size: int | None = opt(None, "tensor parallel size inside each expert (None: TP)")
+    moe_token_dispatcher_type: str = opt("alltoall", "token dispatcher: alltoall or allgather (both run on NCCL "
+                                                     "and gloo)", choices=("allgather", "alltoall", "flex",
+                                                                           "alltoall_seq"))
+    moe_enable_deepep: bool = opt(False, "DeepEP dispatch", unsupported=(
+        "DeepEP dispatch needs the deep_ep package and the flex dispatcher, not set up by hpctrain: use "
+        "moe_token_dispatcher_type = alltoall"))
+    moe_grouped_gemm: bool = opt(True, "experts as one grouped GEMM (PyTorch grouped_mm) instead of a "
+                                       "per-expert loop; same numbers, same checkpoint keys")
+    moe_permute_fusion: bool = opt(False, "fused token permutation", unsupported=(
+        "fused token permutation needs Transformer Engine: remove the key (tokens are permuted with torch ops)"))
+    moe_aux_loss_coeff: float | None = opt(None, "load-balancing loss coefficient (config.json "
+                                                 "router_aux_loss_coef; 0 = off)")
+    moe_z_loss_coeff: float | None = opt(None, "z-loss coefficient", unsupported=_MOE_UNBUILT)
+    moe_expert_capacity_factor: float | None = opt(None, "expert capacity factor", unsupported=_MOE_UNBUILT)
+    moe_shared_expert_overlap: bool = opt(False, "overlap shared experts with dispatch", unsupported=_MOE_UNBUILT)
+    moe_token_drop_policy: str = opt("probs", "token drop policy", choices=("probs", "position"),
+                                     unsupported=_MOE_UNBUILT)
+    multi_latent_attention: bool = opt(False, "Multi-Latent Attention", unsupported=_MLA)
+    q_lora_rank: int | None = opt(None, "MLA query rank", unsupported=_MLA)
+    kv_lora_rank: int | None = opt(None, "MLA key/value rank", unsupported=_MLA)
+    qk_head_dim: int | None = opt(None, "MLA QK head dim", unsupported=_MLA)
+    qk_pos_emb_head_dim: int | None = opt(None, "MLA QK positional head dim", unsupported=_MLA)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from hpctrain.config.coerce import coerce
 from hpctrain.config.errors import ConfigError
 from hpctrain.config.fields import field_default, field_unsupported
 from hpctrain.config.job import JobConfig
+from hpctrain.config.moe_freq import parse_moe_layer_freq
 from hpctrain.config.refusals import check_value_refusals, unbuilt_message
 from hpctrain.config.sections import SECTIONS
 
@@ -95,12 +96,30 @@ def _parallel(cfg: JobConfig) -> None:
     if par.overlap_param_gather and not (par.use_distributed_optimizer and par.overlap_grad_reduce):
         raise ConfigError("parallel.overlap_param_gather = true needs use_distributed_optimizer = true and "
                           "overlap_grad_reduce = true")
+    _moe(cfg)
     la = cfg.launch
     if la.nproc_per_node is not None and la.cuda_visible_devices:
         gpus = [g for g in la.cuda_visible_devices.split(",") if g.strip()]
         if la.nproc_per_node > len(gpus):
             raise ConfigError(f"NPROC_PER_NODE / launch.nproc_per_node = {la.nproc_per_node} but "
                               f"CUDA_VISIBLE_DEVICES={la.cuda_visible_devices!r} lists only {len(gpus)} GPU(s)")
+
+
+def _moe(cfg: JobConfig) -> None:
+    """MoE layouts that cannot work, where the shape is already in the config (config.json's is checked
+    when the trainer reads it: train/model_source.check_moe_layout)."""
+    moe = cfg.moe
+    if moe.expert_model_parallel_size < 1 or (moe.expert_tensor_parallel_size or 1) < 1:
+        raise ConfigError("moe.expert_model_parallel_size and expert_tensor_parallel_size must be >= 1")
+    if moe.num_experts and moe.num_experts % moe.expert_model_parallel_size:
+        raise ConfigError(f"moe.expert_model_parallel_size = {moe.expert_model_parallel_size} does not divide "
+                          f"num_experts = {moe.num_experts}; pick an EP that divides it")
+    if moe.moe_layer_freq is not None:
+        parse_moe_layer_freq(moe.moe_layer_freq)
+    if moe.moe_token_dispatcher_type == "allgather" and moe.expert_model_parallel_size > 1:
+        raise ConfigError("moe.moe_token_dispatcher_type = 'allgather' with expert_model_parallel_size > 1: that "
+                          "dispatcher all-gathers equal token counts from every EP rank, and batches of "
+                          "different lengths do not have them; use alltoall")
 
 
 def _training(cfg: JobConfig) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from hpctrain.config.errors import ConfigError
+from hpctrain.config.moe_freq import parse_moe_layer_freq
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,12 +43,13 @@ def check_pp(args: Mapping[str, Any], pp: int) -> None:
 
 def transformer_config(args: Mapping[str, Any], *, tp: int = 1, pp: int = 1,
                        params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                       **overrides: Any):
+                       ep: int = 1, etp: int | None = None, **overrides: Any):
     """A megatron-core TransformerConfig for ``args``; ``overrides`` win (any TransformerConfig field)."""
     from megatron.core.transformer import TransformerConfig
 
     check_tp(args, tp)
     check_pp(args, pp)
+    check_ep(args, ep)
     kw: dict[str, Any] = dict(
         num_layers=args["num_layers"], hidden_size=args["hidden_size"],
         ffn_hidden_size=args["ffn_hidden_size"], num_attention_heads=args["num_attention_heads"],
@@ -66,8 +68,35 @@ def transformer_config(args: Mapping[str, Any], *, tp: int = 1, pp: int = 1,
         bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False, apply_rope_fusion=False, bias_activation_fusion=False,
     )
+    kw.update(moe_kwargs(args, ep, etp))
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def moe_kwargs(args: Mapping[str, Any], ep: int = 1, etp: int | None = None) -> dict[str, Any]:
+    """TransformerConfig MoE fields of model arguments holding ``num_experts`` (empty for a dense
+    model). The router is Qwen3-MoE's / Megatron's default: softmax scores, top-k, aux loss."""
+    if not args.get("num_experts"):
+        return {}
+    return dict(
+        num_moe_experts=int(args["num_experts"]), moe_ffn_hidden_size=int(args["moe_ffn_hidden_size"]),
+        moe_router_topk=int(args["moe_router_topk"]),
+        moe_router_pre_softmax=bool(args.get("moe_router_pre_softmax", False)),
+        moe_layer_freq=parse_moe_layer_freq(args.get("moe_layer_freq", 1)),
+        moe_aux_loss_coeff=float(args.get("moe_aux_loss_coeff") or 0.0),
+        moe_router_load_balancing_type="aux_loss", moe_router_dtype="fp32",
+        moe_router_score_function="softmax", moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+    )
+
+
+def check_ep(args: Mapping[str, Any], ep: int) -> None:
+    n = args.get("num_experts")
+    if ep > 1 and not n:
+        raise ValueError(f"expert_model_parallel_size={ep} needs a MoE model (this one has no experts); use 1")
+    if n and n % ep:
+        raise ValueError(f"expert_model_parallel_size={ep} does not divide num_experts={n}; "
+                         "pick an EP that divides it")
 
 
 def rope_scaling_factor(rs: Mapping[str, Any] | None) -> float | None:

@@ -15,12 +15,26 @@ Device-independent patches (applied for "cuda" too):
   the default ``fp8=False``; selective recompute of ``layernorm`` then calls TE's
   ``activation_recompute_forward`` and raises ``NameError`` without TE. We set the flag to
   "fp8 requested and TE present".
+* MoE router (``moe_utils.RouterGatingLinearFunction``) tests ``te_general_gemm is not None``, a
+  name that module only defines when TE imports: without TE that is a ``NameError``. We define it
+  as None, which selects megatron-core's own torch matmul path.
 
 CPU-only patches (``device_type == "cpu"``):
 
 * ``torch.cuda.current_device()`` raises without CUDA; megatron-core passes its result as a
   ``device=`` argument (RoPE, p2p, DDP buffers, checkpoint saver). It returns the CPU device.
 * ``torch.cuda.synchronize()`` (schedules, checkpoint saver) becomes a no-op: CPU ops are synchronous.
+* The MoE alltoall token dispatcher copies its split sizes to the host on a side CUDA stream
+  (``torch.cuda.Stream()``, ``torch.cuda.stream(s)``, ``record_event().synchronize()``): on the
+  CPU the tensors are on the host already, so the stream is a stand-in whose waits and events
+  are no-ops and ``torch.cuda.stream`` is a null context. Its ``maybe_move_tensor_to_cpu(...,
+  as_numpy=True)`` only converts CUDA tensors, so on the CPU the split sizes stayed tensors, which
+  gloo's ``all_to_all_single`` rejects: CPU tensors are converted to numpy there too (what a CUDA
+  run hands over). With expert tensor parallel (ETP > 1) next to EP the dispatcher gathers and
+  reduce-scatters UNEVEN token counts over the ETP group (``all_gather`` / ``reduce_scatter`` with
+  per-rank tensor lists); gloo only does even all-gathers and no list reduce-scatter, so on the CPU
+  those two go through an even all-gather of padded rows / an all-reduce of the whole tensor (same
+  numbers: sums in the same order, padding dropped).
 * megatron-core >= 0.17 only: the DDP grad-bucket sync asks for ``torch.cuda.current_stream()`` on
   every step (to wait for CUDA-graph replays); on the CPU it gets a stream whose waits are no-ops
   (CPU ops are synchronous, and there are no CUDA graphs to wait for).
@@ -74,11 +88,14 @@ def apply(device_type: str) -> None:
     if "common" not in _applied:
         _patch_torch_norm_sequence_parallel()
         _patch_checkpoint_without_output_fp8()
+        _patch_moe_router_without_te()
         _applied.add("common")
     if device_type == "cpu" and "cpu" not in _applied:
         _patch_cuda_runtime_calls()
         _patch_rng_tracker()
         _patch_device_placement()
+        _patch_moe_host_copies()
+        _patch_uneven_collectives()
         _applied.add("cpu")
 
 
@@ -137,9 +154,28 @@ def _patch_checkpoint_without_output_fp8() -> None:
     mrandom.CheckpointWithoutOutput.__init__ = __init__
 
 
+def _patch_moe_router_without_te() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 # ----------------------------------------------------------------------------- CPU only
+class _CpuEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
 class _CpuStream:
-    """What ``torch.cuda.current_stream()`` returns on the CPU: every wait is already satisfied."""
+    """A CUDA stream stand-in on the CPU (``current_stream()``, ``Stream()``): every wait is
+    already satisfied, events are complete when recorded."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_event(self, event) -> None:
         pass
@@ -147,12 +183,63 @@ class _CpuStream:
     def wait_stream(self, stream) -> None:
         pass
 
+    def record_event(self, event=None) -> _CpuEvent:
+        return _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _patch_moe_host_copies() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _patch_uneven_collectives() -> None:
+    import torch.distributed as tdist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        rows = max(output_split_sizes)
+        padded = input_.new_zeros((rows,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((rows * group.size(),) + tuple(input_.shape[1:]))
+        tdist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[r * rows: r * rows + n] for r, n in enumerate(output_split_sizes)])
+
+    def scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        tdist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start: start + input_split_sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = scatter_uneven
+
 
 def _patch_cuda_runtime_calls() -> None:
+    import contextlib
+
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
-    if mcore_version() >= (0, 17):
-        torch.cuda.current_stream = lambda device=None: _CpuStream()
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.current_stream = lambda device=None: _CpuStream()
 
 
 def mcore_version() -> tuple[int, ...]:

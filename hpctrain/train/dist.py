@@ -120,7 +120,7 @@ def init_distributed(cfg_or_kwargs: Any = None) -> DistInfo:
 
 def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None,
                         ep: int = 1, seed: int | None = 42, timeout: datetime.timedelta = datetime.timedelta(hours=1),
-                        data_parallel_random_init: bool = False) -> int:
+                        data_parallel_random_init: bool = False, etp: int | None = None) -> int:
     """megatron-core parallel groups + seeds; returns the data-parallel size. Every group megatron-core
     creates gets ``timeout`` (it takes whole minutes: rounded up)."""
     from megatron.core import parallel_state as ps
@@ -130,12 +130,16 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None =
     if world % (tp * pp * cp) != 0:
         raise ValueError(f"world size {world} is not divisible by tp({tp}) * pp({pp}) * cp({cp}) "
                          f"= {tp * pp * cp}; change the parallel sizes or the number of processes")
+    etp = etp or tp  # megatron-core's default: experts split like the dense layers
+    if world % (etp * ep * pp) != 0:
+        raise ValueError(f"world size {world} is not divisible by expert_tensor_parallel({etp}) * "
+                         f"expert_model_parallel({ep}) * pp({pp}) = {etp * ep * pp}; change the sizes")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
-        expert_model_parallel_size=ep, distributed_timeout_minutes=math.ceil(timeout.total_seconds() / 60))
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, distributed_timeout_minutes=math.ceil(timeout.total_seconds() / 60))
     _every_group_timeout(timeout)
     if seed is not None:
         set_seed(seed, data_parallel_random_init)

@@ -206,7 +206,8 @@ def _run(cfg, source: Callable, valid: Callable | None, info, model) -> RunResul
     p = cfg.parallel
     dp = dist.init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   p.context_parallel_size, p.virtual_pipeline_model_parallel_size,
-                                  seed=cfg.train.seed, timeout=dist.group_timeout(p))
+                                  seed=cfg.train.seed, timeout=dist.group_timeout(p),
+                                  ep=cfg.moe.expert_model_parallel_size, etp=cfg.moe.expert_tensor_parallel_size)
     if cfg.train.deterministic_mode:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

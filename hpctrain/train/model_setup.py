@@ -106,17 +106,38 @@ def transformer_config(cfg, device_type: str):
         from megatron.core.transformer.enums import AttnBackend
         kw["attention_backend"] = AttnBackend[t.attention_backend]
     kw.update(_fusion_flags(cfg, device_type))
+    kw.update(moe_config(cfg))
     kw.update(t.extra_megatron_kwargs or {})
     return TransformerConfig(**kw)
 
 
-def layer_spec(cfg, tcfg):
+def moe_config(cfg) -> dict:
+    """TransformerConfig MoE fields from [moe] (filled from a MoE model's config.json); {} for a dense model."""
+    from hpctrain.model.mcore_config import moe_kwargs
+
+    moe = cfg.moe
+    if not moe.num_experts:
+        return {}
+    kw = moe_kwargs(dict(num_experts=moe.num_experts, moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
+                         moe_router_topk=moe.moe_router_topk, moe_router_pre_softmax=moe.moe_router_pre_softmax,
+                         moe_layer_freq=moe.moe_layer_freq or 1, moe_aux_loss_coeff=moe.moe_aux_loss_coeff),
+                    ep=moe.expert_model_parallel_size, etp=moe.expert_tensor_parallel_size)
+    balancing = moe.moe_router_load_balancing_type
+    kw.update(moe_router_dtype=None if moe.moe_router_dtype == "none" else moe.moe_router_dtype,
+              moe_token_dispatcher_type=moe.moe_token_dispatcher_type, moe_grouped_gemm=bool(moe.moe_grouped_gemm),
+              moe_router_load_balancing_type=balancing)
+    if balancing == "none":
+        kw["moe_aux_loss_coeff"] = 0.0
+    return kw
+
+
+def layer_spec(cfg, tcfg, vp_stage: int | None = None):
     """Transformer Engine's spec or hpctrain's portable spec (hpctrain.model.build decides)."""
     from hpctrain.model.build import select_layer_spec
 
     t = cfg.train
     spec = select_layer_spec(tcfg, recompute_act=t.recompute_granularity == "selective"
-                             and "mlp_act" in t.recompute_modules)
+                             and "mlp_act" in t.recompute_modules, vp_stage=vp_stage)
     if tcfg.transformer_impl != "transformer_engine":
         _portable_attention_backend(cfg.train.attention_backend)
     return spec
@@ -146,7 +167,6 @@ def build_model_chunks(cfg, tcfg) -> list:
     from hpctrain.model.mcore_config import gpt_model_kwargs
 
     m = cfg.model
-    spec = layer_spec(cfg, tcfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
     model_kw = gpt_model_kwargs(dict(
         padded_vocab_size=m.padded_vocab_size,
@@ -157,6 +177,7 @@ def build_model_chunks(cfg, tcfg) -> list:
     chunks = []
     for v in range(vpp):
         kw = dict(vp_stage=v) if vpp > 1 else {}
+        spec = layer_spec(cfg, tcfg, vp_stage=v if vpp > 1 else None)  # a MoE block spec is per stage
         chunks.append(GPTModel(
             config=tcfg, transformer_layer_spec=spec,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, **kw),
@@ -164,6 +185,7 @@ def build_model_chunks(cfg, tcfg) -> list:
     if cfg.train.cross_entropy_loss_fusion and cfg.train.cross_entropy_fusion_impl == "native":
         _chunked_cross_entropy(chunks, m.padded_vocab_size // cfg.parallel.tensor_model_parallel_size)
     apply_tuner(cfg, chunks, tcfg.transformer_impl)
+    _experts_apart(chunks, tcfg)
     return chunks
 
 
@@ -188,6 +210,23 @@ def apply_tuner(cfg, chunks: list, impl: str = "local") -> None:
              "(%.3f%%) on this rank", settings.rank, settings.alpha, " (rslora)" if settings.use_rslora else "",
              len(names), ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})), trainable, total,
              100.0 * trainable / max(total, 1))
+
+
+def _experts_apart(chunks: list, tcfg) -> None:
+    """Expert parameters in the expert-data-parallel buffers and optimizer at every EP size.
+
+    megatron-core tags expert weights ``allreduce = False`` (own grad buffers reduced over the
+    expert-DP group, own optimizer in a ChainedOptimizer) only when EP > 1. At EP = 1 they would
+    join the dense parameters: the optimizer checkpoint then has other keys ("optimizer.*" instead
+    of "chained_1.optimizer.*"), so a run could not resume at another EP size, and with ETP < TP
+    their gradients would be reduced over DP only although TP ranks hold copies. The expert-DP
+    group is the right one at every EP (at EP = 1, ETP = TP it is the DP group)."""
+    if not tcfg.num_moe_experts or tcfg.expert_model_parallel_size > 1:
+        return
+    for c in chunks:
+        for name, p in c.named_parameters():
+            if ".experts." in name:
+                p.allreduce = False
 
 
 def _chunked_cross_entropy(chunks: list, vocab_per_rank: int) -> None:

@@ -15,6 +15,7 @@ model is named at all (shape given by [model] fields: pretraining from scratch).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ def fill_model_fields(cfg) -> ModelSource:
     if weights == "random" and os.environ.get("RANK", "0") == "0":
         log.warning("weights: random initialisation (%s)", "--load_safetensors false" if m.model
                     else "no --model or --load: pretraining from scratch")
+    check_moe_layout(cfg)
     note = choose_precision(cfg, args.get("torch_dtype"), dtype_from)
     log.info("model: %s from %s; rotary_base %g; precision: %s", m.model_type or "gpt",
              path or "[model] fields", m.rotary_base, note)
@@ -91,6 +93,7 @@ def _read(cfg, path: Path) -> tuple[dict, str | None]:
     args = model_args_from_hf(hf, where=str(path), tp=cfg.parallel.tensor_model_parallel_size,
                               padded_vocab_size=m.padded_vocab_size or _checkpoint_vocab(m.load))
     _apply(m, args, path)
+    _apply_moe(cfg, args, path)
     if m.padded_vocab_size > args["vocab_size"]:
         log.warning("model: %d embedding rows for a vocabulary of %d (%s): the padding rows take part "
                     "in the softmax, so the loss differs slightly from the HF model's; a TP size that "
@@ -113,6 +116,58 @@ def _apply(m, args: dict, path: Path) -> None:
             setattr(m, key, value)
         elif mine != value:
             log.info("model: %s = %r (set by you; %s says %r)", key, mine, path, value)
+
+
+def _apply_moe(cfg, args: dict, path: Path) -> None:
+    """A MoE config.json fills the unset [moe] fields (a set field wins); a dense one refuses MoE
+    layouts and shapes set by hand, which would build a different model than config.json's."""
+    from hpctrain.model.families.base import MOE_ARG_KEYS
+
+    moe = cfg.moe
+    if not args.get("num_experts"):
+        if moe.num_experts or moe.expert_model_parallel_size > 1:
+            raise ConfigError(f"moe.num_experts / expert_model_parallel_size are set but {path} describes a dense "
+                              f"{args['model_type']!r} model; drop the [moe] keys (a MoE model's config.json has them)")
+        return
+    for key in MOE_ARG_KEYS:
+        value = args[key]
+        if key == "moe_layer_freq":
+            value = json.dumps(value)
+        mine = getattr(moe, key)
+        if mine is None:
+            setattr(moe, key, value)
+        elif mine != value:
+            log.info("model: moe.%s = %r (set by you; %s says %r)", key, mine, path, value)
+
+
+def check_moe_layout(cfg) -> None:
+    """Expert parallel must fit the model and the ranks (called once the shape is known)."""
+    moe, p = cfg.moe, cfg.parallel
+    ep, etp = moe.expert_model_parallel_size, moe.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    if not moe.num_experts:
+        if ep > 1 or moe.expert_tensor_parallel_size:
+            raise ConfigError("moe.expert_model_parallel_size / expert_tensor_parallel_size need a MoE model "
+                              "(num_experts is unset); drop them")
+        return
+    if moe.num_experts % ep:
+        raise ConfigError(f"moe.expert_model_parallel_size = {ep} does not divide num_experts = {moe.num_experts}; "
+                          "pick an EP that divides it")
+    ffn = moe.moe_ffn_hidden_size
+    if ffn and ffn % etp:
+        raise ConfigError(f"moe.expert_tensor_parallel_size = {etp} does not divide moe_ffn_hidden_size = {ffn}; "
+                          "pick an ETP that divides it")
+    if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        raise ConfigError(f"tensor_model_parallel_size = {p.tensor_model_parallel_size} on a MoE model needs "
+                          "sequence_parallel = true (megatron-core's MoE layer refuses TP without SP in training): "
+                          "add --sequence_parallel true")
+    if p.context_parallel_size > 1:
+        raise ConfigError("context_parallel_size > 1 with a MoE model is not built (the router's padding mask is "
+                          "not split over CP here): use expert / tensor / pipeline parallel")
+    if cfg.train.cuda_graph_impl != "none":
+        raise ConfigError("cuda_graph_impl with a MoE model is not built (token routing changes shapes every "
+                          "step): set cuda_graph_impl = none")
+    if moe.moe_router_topk and moe.moe_router_topk > moe.num_experts:
+        raise ConfigError(f"moe.moe_router_topk = {moe.moe_router_topk} > num_experts = {moe.num_experts}")
 
 
 def choose_precision(cfg, hf_dtype: str | None, hf_where: str | None) -> str:

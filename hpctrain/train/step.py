@@ -55,6 +55,7 @@ def pad_microbatches(mbs: list[dict], multiple: int, same_length: bool,
         nb["position_ids"] = torch.cat([b["position_ids"], last + 1 + torch.arange(pad).expand(
             b["position_ids"].shape[0], pad)], dim=1)
         nb.pop("cu_seqlens", None)  # rebuilt from position_ids when needed
+        nb["pad_start"] = s  # the positions added here: a MoE router leaves them out of its aux loss
         nb["packed"] = b.get("packed", "cu_seqlens" in b)
         out.append(nb)
     return out
@@ -104,8 +105,32 @@ def forward_step(device, data_iterator, model):
     else:
         ids, pos, labels, psp = _device_inputs(b, device)
     loss_mask = labels != IGNORE
-    out = model(ids, pos, None, labels=labels.masked_fill(~loss_mask, 0), packed_seq_params=psp)
+    extra = {"padding_mask": _moe_padding_mask(b, ids, model)} if _is_moe(model) and "_graph" not in b else {}
+    out = model(ids, pos, None, labels=labels.masked_fill(~loss_mask, 0), packed_seq_params=psp, **extra)
     return out, partial(loss_func, loss_mask)
+
+
+def _is_moe(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "num_moe_experts", None))
+
+
+def _moe_padding_mask(b: dict, ids: torch.Tensor, model) -> torch.Tensor:
+    """True at the positions pad_microbatches added (for TP/SP divisibility or PP's common length):
+    megatron-core's router then leaves them out of the load-balancing loss, so the aux loss (and its
+    gradients) do not depend on the layout. A later pipeline stage with sequence parallel gets its
+    TP rank's slice (GPTModel only scatters the mask on the first stage)."""
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    mask = pos >= b.get("pad_start", ids.shape[1])
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if not getattr(inner, "pre_process", True) and inner.config.sequence_parallel:
+        tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        n = mask.shape[1] // tp
+        mask = mask[:, r * n:(r + 1) * n]
+    return mask.contiguous()
 
 
 def _device_inputs(batch: dict, device):

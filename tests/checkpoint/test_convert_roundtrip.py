@@ -41,7 +41,7 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-KINDS = ["qwen2", "qwen2_tied", "llama3"]
+KINDS = ["qwen2", "qwen2_tied", "llama3", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_mixed"]
 
 
 def to_mcore(hf: Path, mc: Path) -> None:
@@ -76,7 +76,7 @@ def test_roundtrip_bit_exact(converted, tmp_path, kind):
     assert set(index["weight_map"]) == set(load_dir(hf2))
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(str(hf2))
-    assert m.config.tie_word_embeddings == (kind == "qwen2_tied")
+    assert m.config.tie_word_embeddings == kind.endswith("_tied")
 
 
 def report_lines(stdout: str) -> list[str]:

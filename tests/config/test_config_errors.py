@@ -139,7 +139,7 @@ def test_nproc_more_than_visible_gpus():
         load_config(None, [], environ={"NPROC_PER_NODE": "two"})
 
 
-@pytest.mark.parametrize("argv", [["--num_experts", "8"], ["--freeze_parameters", "x"], ["--fp8_format", "e4m3"],
+@pytest.mark.parametrize("argv", [["--moe_z_loss_coeff", "0.1"], ["--freeze_parameters", "x"], ["--fp8_format", "e4m3"],
                                   ["--wandb_project", "x"], ["--use_precision_aware_optimizer", "true"],
                                   ["--rlhf_type", "dpo"], ["--freeze_llm", "false"], ["--streaming", "false"]])
 def test_unsupported_features_refused_whatever_the_value(argv):

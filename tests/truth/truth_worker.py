@@ -69,7 +69,8 @@ def main():
         if captured["logits"] is not None:
             torch.save(captured["logits"], out / f"{name}.pt")
         args = json.loads((Path(res.save_dir) / "args.json").read_text())
-        results[name] = dict(loss=res.losses[0], model=args["model"], precision=args["precision"])
+        results[name] = dict(loss=res.losses[0], model=args["model"], precision=args["precision"],
+                             moe=args.get("moe"))
     if tdist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.destroy()

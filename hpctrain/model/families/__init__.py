@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from hpctrain.model.families import llama, qwen2
+from hpctrain.model.families import llama, qwen2, qwen3, qwen3_moe
 from hpctrain.model.families.base import MODEL_ARG_KEYS, Family, HfConfigError
 from hpctrain.model.families.common import dtype as hf_dtype
 from hpctrain.model.families.common import with_dtype
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY)}
 
 __all__ = ["FAMILIES", "Family", "HfConfigError", "family_by_name", "family_for", "hf_dtype",
            "model_args", "read_config_json", "supported", "with_dtype"]

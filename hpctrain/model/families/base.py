@@ -11,6 +11,15 @@ Rules (megatron-core 0.16.1 layouts, see ``Attention.get_query_key_value_tensors
 * ``QKV``: linear_qkv rows are, for each query group g, [q heads of g; k_g; v_g].
 * ``GatedMLP``: linear_fc1 is [gate; up] globally; TP rank r holds [gate_r; up_r], which
   megatron-core's swiglu sharded factory maps back to the global [gate; up] on save.
+* ``ExpertDirect`` / ``ExpertGatedMLP``: one tensor per expert on the HF side (``#`` stands for the
+  expert number), stacked on the mcore side along an expert axis after the layer axis
+  (SequentialMLP's and GroupedMLP's shared layout: ``mlp.experts.experts.linear_fc1.weight`` is
+  [layers, experts, 2 * moe_ffn, hidden]).
+
+Rules apply to every layer (``layers="all"``), or only to the dense (``"dense"``) or MoE (``"moe"``)
+layers of a model whose config mixes them. megatron-core names the layers of such a model one by
+one (``decoder.layers.3.mlp...``, no layer axis: ``TransformerBlock.sharded_state_dict`` with a
+``moe_layer_freq`` list), so ``Geometry.per_layer_keys`` says which naming a checkpoint uses.
 """
 from __future__ import annotations
 
@@ -41,6 +50,20 @@ class Geometry:
     vocab_size: int
     padded_vocab_size: int
     tied: bool
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or dense; () = a dense model
+    num_experts: int = 0
+
+    @property
+    def per_layer_keys(self) -> bool:
+        """megatron-core's naming for a model mixing MoE and dense layers (see the module doc)."""
+        return any(self.moe_layers) and not all(self.moe_layers)
+
+    def layers_of(self, kind: str) -> list[int]:
+        """The layer numbers a rule for ``kind`` ("all", "dense", "moe") covers."""
+        if kind == "all":
+            return list(range(self.num_layers))
+        moe = self.moe_layers or (False,) * self.num_layers
+        return [i for i, m in enumerate(moe) if m == (kind == "moe")]
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,7 @@ class Direct:
     hf: str
     vocab: bool = False
     untied_only: bool = False
+    layers: str = "all"
 
     def hf_names(self) -> tuple[str, ...]:
         return (self.hf,)
@@ -76,6 +100,7 @@ class QKV:
     k: str
     v: str
     untied_only: bool = False
+    layers: str = "all"
 
     def hf_names(self) -> tuple[str, ...]:
         return (self.q, self.k, self.v)
@@ -108,6 +133,7 @@ class GatedMLP:
     gate: str
     up: str
     untied_only: bool = False
+    layers: str = "all"
 
     def hf_names(self) -> tuple[str, ...]:
         return (self.gate, self.up)
@@ -130,7 +156,59 @@ class GatedMLP:
         return (2 * s[0],) + s[1:]
 
 
-Rule = Direct | QKV | GatedMLP
+def expert_name(pattern: str, e: int) -> str:
+    return pattern.replace("#", str(e))
+
+
+@dataclass(frozen=True)
+class ExpertDirect:
+    """One HF tensor per expert (``#``) <-> the mcore tensor's expert axis (axis 0 of a layer's)."""
+
+    mcore: str
+    hf: str
+    untied_only: bool = False
+    layers: str = "moe"
+    experts: bool = True
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def to_mcore(self, get, g: Geometry, e: int) -> torch.Tensor:
+        return get(expert_name(self.hf, e))
+
+    def to_hf(self, t: torch.Tensor, g: Geometry, e: int) -> dict[str, torch.Tensor]:
+        return {expert_name(self.hf, e): t}
+
+    def mcore_shape(self, hf_shapes, g: Geometry) -> tuple:  # of one expert
+        return tuple(hf_shapes[self.hf])
+
+
+@dataclass(frozen=True)
+class ExpertGatedMLP:
+    """Per-expert gate/up (``#``) <-> one expert's [gate; up] fc1 slice."""
+
+    mcore: str
+    gate: str
+    up: str
+    untied_only: bool = False
+    layers: str = "moe"
+    experts: bool = True
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.gate, self.up)
+
+    def to_mcore(self, get, g: Geometry, e: int) -> torch.Tensor:
+        return GatedMLP(self.mcore, expert_name(self.gate, e), expert_name(self.up, e)).to_mcore(get, g)
+
+    def to_hf(self, t: torch.Tensor, g: Geometry, e: int) -> dict[str, torch.Tensor]:
+        return GatedMLP(self.mcore, expert_name(self.gate, e), expert_name(self.up, e)).to_hf(t, g)
+
+    def mcore_shape(self, hf_shapes, g: Geometry) -> tuple:
+        s = tuple(hf_shapes[self.gate])
+        return (2 * s[0],) + s[1:]
+
+
+Rule = Direct | QKV | GatedMLP | ExpertDirect | ExpertGatedMLP
 
 
 # What every Family.config_map returns: cfg.model field names (the trainer fills the fields the user
@@ -142,6 +220,10 @@ MODEL_ARG_KEYS = (
     "add_qkv_bias", "untie_embeddings_and_output_weights", "qk_layernorm", "rope_scaling",
     "torch_dtype", "vocab_size",
 )
+# What a MoE family's config_map adds (cfg.moe field names; megatron-core's reading of
+# moe_layer_freq: an int N = layers 0, N, 2N... are MoE, or a list of 0/1 per layer).
+MOE_ARG_KEYS = ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
+                "moe_layer_freq", "moe_aux_loss_coeff")
 
 
 @dataclass(frozen=True)
@@ -177,3 +259,27 @@ def layer_name(pattern: str, i: int) -> str:
 
 def is_layer_rule(rule: Rule) -> bool:
     return "*" in rule.mcore
+
+
+def is_expert_rule(rule: Rule) -> bool:
+    return getattr(rule, "experts", False)
+
+
+def layer_key(rule: Rule, i: int, g: Geometry) -> str:
+    """The checkpoint key of a layer rule: ``decoder.layers.X`` (layers stacked on axis 0) or, for a
+    model that mixes MoE and dense layers, ``decoder.layers.<i>.X`` (one tensor per layer)."""
+    return rule.mcore.replace(".*.", f".{i}." if g.per_layer_keys else ".")
+
+
+def moe_pattern(args: Mapping[str, Any]) -> tuple[bool, ...]:
+    """Per layer: MoE or dense, from model arguments (megatron-core's reading of moe_layer_freq)."""
+    if not args.get("num_experts"):
+        return ()
+    n, freq = args["num_layers"], args.get("moe_layer_freq", 1)
+    if isinstance(freq, str):
+        from hpctrain.config.moe_freq import parse_moe_layer_freq
+
+        freq = parse_moe_layer_freq(freq)
+    if isinstance(freq, int):
+        return tuple(i % freq == 0 for i in range(n))
+    return tuple(bool(x) for x in freq)

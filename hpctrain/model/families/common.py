@@ -116,8 +116,9 @@ def with_dtype(hf: Mapping[str, Any], name: str) -> dict[str, Any]:
     return out
 
 
-def decoder_args(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Megatron model arguments (cfg.model names) of a Llama-shaped HF config."""
+def decoder_args(hf: Mapping[str, Any], where: str, head_dim_default: int | None = None) -> dict[str, Any]:
+    """Megatron model arguments (cfg.model names) of a Llama-shaped HF config. ``head_dim_default``:
+    the family's head_dim when config.json has none (default: hidden_size / num_attention_heads)."""
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise HfConfigError(f"{where}: hidden_act = {act!r}: only 'silu' (SwiGLU) is supported")
@@ -127,7 +128,7 @@ def decoder_args(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     if heads % groups:
         raise HfConfigError(f"{where}: num_attention_heads ({heads}) is not a multiple of "
                             f"num_key_value_heads ({groups}); fix config.json")
-    if not _present(hf, "head_dim") and hidden % heads:
+    if not _present(hf, "head_dim") and head_dim_default is None and hidden % heads:
         raise HfConfigError(f"{where}: hidden_size ({hidden}) is not a multiple of num_attention_heads "
                             f"({heads}) and there is no head_dim; add head_dim to config.json")
     return {
@@ -137,7 +138,7 @@ def decoder_args(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
         "num_attention_heads": heads,
         "num_query_groups": groups,
         "group_query_attention": groups != heads,
-        "kv_channels": integer(hf, "head_dim", where, default=hidden // heads),
+        "kv_channels": integer(hf, "head_dim", where, default=head_dim_default or hidden // heads),
         "max_position_embeddings": integer(hf, "max_position_embeddings", where, default=4096),
         "position_embedding_type": "rope",
         "rotary_base": rope_base(hf, where),
