@@ -184,12 +184,12 @@ def build_model_chunks(cfg, tcfg) -> list:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw), **model_kw, **kw))
     if cfg.train.cross_entropy_loss_fusion and cfg.train.cross_entropy_fusion_impl == "native":
         _chunked_cross_entropy(chunks, m.padded_vocab_size // cfg.parallel.tensor_model_parallel_size)
-    apply_tuner(cfg, chunks, tcfg.transformer_impl)
+    apply_tuner(cfg, chunks, tcfg.transformer_impl, bool(tcfg.num_moe_experts))
     _experts_apart(chunks, tcfg)
     return chunks
 
 
-def apply_tuner(cfg, chunks: list, impl: str = "local") -> None:
+def apply_tuner(cfg, chunks: list, impl: str = "local", moe: bool = False) -> None:
     """train_type lora: adapters on the chosen linears, everything else frozen (model/lora/)."""
     from hpctrain.config import ConfigError
     from hpctrain.model.lora import lora_settings
@@ -199,6 +199,9 @@ def apply_tuner(cfg, chunks: list, impl: str = "local") -> None:
     settings = lora_settings(cfg.tuner, tied=not m.untie_embeddings_and_output_weights)
     if settings is None:
         return
+    if moe:  # the adapters wrap the dense TP linears; expert linears (and their EP sharding) are not built
+        raise ConfigError("train_type lora is not built for MoE models (this config.json has experts): "
+                          "train them with train_type full")
     if impl == "transformer_engine":  # chosen because TE is installed and transformer_impl was left unset
         raise ConfigError("train_type lora runs on megatron-core's own tensor-parallel linears, not Transformer "
                           "Engine's (installed here): set transformer_impl = 'local'")

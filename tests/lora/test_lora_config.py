@@ -90,3 +90,12 @@ def test_a_refusal_through_the_cli_is_one_line_exit_2(capsys):
 
 def test_cuda_graph_is_refused_with_lora():
     assert "not built for train_type lora" in refused(*LORA, "--cuda_graph_impl", "local", "--lora_dropout", "0")
+
+
+def test_lora_on_a_moe_model_is_refused_before_any_adapter_is_made():
+    """The adapters wrap the dense TP linears only: a config.json with experts is refused at start-up."""
+    from hpctrain.train.model_setup import apply_tuner
+
+    with pytest.raises(ConfigError, match="train_type lora is not built for MoE models"):
+        apply_tuner(cfg(*LORA), chunks=[], moe=True)
+    apply_tuner(cfg(), chunks=[], moe=True)  # train_type full: nothing to refuse
