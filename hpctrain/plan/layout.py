@@ -58,14 +58,26 @@ class Layout:
     cp: int
     dp: int
     vpp: int | None = None
+    ep: int = 1                # expert parallel (MoE): experts split over EP ranks
+    etp: int | None = None     # expert tensor parallel (MoE; None = tp)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
 
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks holding the same experts (megatron-core: world / (pp * ep * etp))."""
+        return max(1, self.world_size // (self.pp * self.ep * self.expert_tp))
+
     def describe(self) -> str:
         v = f" vpp={self.vpp}" if self.vpp else ""
-        return f"TP={self.tp} PP={self.pp} CP={self.cp} DP={self.dp}{v}"
+        e = f" EP={self.ep} ETP={self.expert_tp}" if self.ep > 1 or self.etp else ""
+        return f"TP={self.tp} PP={self.pp} CP={self.cp} DP={self.dp}{v}{e}"
 
 
 @dataclass
@@ -123,6 +135,24 @@ def _pipeline_problems(shape: ModelShape, lay: Layout, batch: Batch) -> list[str
     return out
 
 
+def _expert_problems(shape: ModelShape, lay: Layout) -> list[str]:
+    ep, etp, out = lay.ep, lay.expert_tp, []
+    if not shape.num_experts:
+        if ep > 1 or lay.etp:
+            out.append(f"expert_model_parallel_size({ep}) / expert_tensor_parallel_size need a MoE model "
+                       "(this one has no experts)")
+        return out
+    if shape.num_experts % ep:
+        out.append(f"num_experts({shape.num_experts}) % ep({ep}) = {shape.num_experts % ep} != 0: experts must "
+                   "split evenly over EP ranks")
+    if shape.moe_ffn_hidden_size % etp:
+        out.append(f"moe_ffn_hidden_size({shape.moe_ffn_hidden_size}) % etp({etp}) != 0")
+    if lay.world_size % (lay.pp * ep * etp):
+        out.append(f"world({lay.world_size}) % (pp({lay.pp}) * ep({ep}) * etp({etp})) != 0: each pipeline stage's "
+                   "experts are split over ETP x EP ranks")
+    return out
+
+
 def check_layout(shape: ModelShape, cluster: Cluster, lay: Layout, batch: Batch) -> LayoutCheck:
     """Every rule the layout breaks (with its formula), plus warnings that do not stop the run."""
     res = LayoutCheck(lay)
@@ -145,6 +175,7 @@ def check_layout(shape: ModelShape, cluster: Cluster, lay: Layout, batch: Batch)
     if batch.global_batch_size % step:
         p.append(f"global_batch_size({batch.global_batch_size}) % (micro_batch_size({batch.micro_batch_size}) "
                  f"* dp({dp})) = {batch.global_batch_size % step} != 0")
+    p.extend(_expert_problems(shape, lay))
     if tp > cluster.gpus_per_node:
         res.warnings.append(f"tp({tp}) > gpus_per_node({cluster.gpus_per_node}): TP traffic crosses nodes (slow)")
     if batch.sequence_parallel and tp == 1:

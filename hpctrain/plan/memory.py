@@ -29,6 +29,11 @@ with tools/bench/act_memory.py on the portable spec and measured on an H200 (doc
                + 2sbf/t (fc2 input) unless recompute_modules has "mlp_act"
     full recompute keeps only each layer's input 2sbh/t_sp, plus one layer's full activations while it
     is recomputed (recompute_method "block" with recompute_num_layers k: k layers store inputs only).
+MoE layers (Qwen3-MoE): the experts' weights are split over EP x ETP (router replicated); with the
+distributed optimizer their state is sharded over the expert-DP ranks (world / (pp * ep * etp)),
+the dense parameters' over DP x CP; a MoE layer's MLP activations are its norm input, the router's
+fp32 logits and, for the k routed copies of each token, the permuted input, fc1 and SwiGLU outputs
+(see moe_mlp_activations). MoE layers are assumed spread evenly over the pipeline stages.
 Stage 0 of a pipeline keeps min(pp, micro-batches) micro-batches in flight (1F1B schedule). The last
 stage holds the logits: 6sbV/t (bf16 logits + fp32 copy for the loss); with the chunked cross entropy
 (cross_entropy_loss_fusion) instead one chunk's logits and softmax (CHUNKED_CE_GIB) plus the output
@@ -89,7 +94,14 @@ class MemoryEstimate:
         return self.usable is None or self.total <= self.usable
 
 
-def layer_params(s: ModelShape, tp: int) -> int:
+def layer_params(s: ModelShape, tp: int, moe: bool = False, lay: Layout | None = None) -> int:
+    """Parameters of one layer on one GPU; a MoE layer's (``moe``) experts are split over EP x ETP
+    (router replicated)."""
+    if moe:
+        dense_part = layer_params(s, tp) - (s.hidden_size * s.ffn_hidden_size * (3 if s.swiglu else 2)) // tp
+        ep, etp = (lay.ep, lay.expert_tp) if lay is not None else (1, tp)
+        experts = s.num_experts // ep * 3 * s.hidden_size * s.moe_ffn_hidden_size // etp
+        return dense_part + s.num_experts * s.hidden_size + experts
     h, a, g, d, f = s.hidden_size, s.num_attention_heads, s.num_query_groups, s.kv_channels, s.ffn_hidden_size
     biased = not s.disable_bias_linear
     norm = 2 * h * (2 if s.normalization == "LayerNorm" else 1)
@@ -110,9 +122,21 @@ def lora_layer_params(s: ModelShape, tp: int, r: int) -> int:
     return r * (split // tp + whole)
 
 
+def stage_moe_layers(s: ModelShape, layers_on_stage: int) -> int:
+    """MoE layers on a stage (MoE layers assumed spread evenly over the model)."""
+    return round(layers_on_stage * s.moe_layers / s.num_layers) if s.moe_layers else 0
+
+
+def stage_expert_params(s: ModelShape, lay: Layout, layers_on_stage: int) -> int:
+    """Expert weights on one GPU of a stage: their optimizer state is sharded over expert-DP."""
+    n = stage_moe_layers(s, layers_on_stage)
+    return n * (s.num_experts // lay.ep) * 3 * s.hidden_size * s.moe_ffn_hidden_size // lay.expert_tp
+
+
 def stage_params(s: ModelShape, lay: Layout, layers_on_stage: int, first: bool, last: bool) -> int:
     """Parameters on one GPU of one pipeline stage."""
-    p = layers_on_stage * layer_params(s, lay.tp)
+    n_moe = stage_moe_layers(s, layers_on_stage)
+    p = (layers_on_stage - n_moe) * layer_params(s, lay.tp) + n_moe * layer_params(s, lay.tp, True, lay)
     emb = s.vocab_size * s.hidden_size // lay.tp
     if first:
         p += emb
@@ -133,10 +157,27 @@ def layer_activations(s: ModelShape, lay: Layout, batch: Batch, scores_stored: b
         + 4 * sq * b * a // t
     if scores_stored:
         attn += 5 * b * a * sq * sq // t
-    mlp = 4 * sq * b * h // t_sp + 2 * sq * b * f * (2 if s.swiglu else 1) // t
+    return attn + dense_mlp_activations(s, lay, batch, mlp_act_stored)
+
+
+def dense_mlp_activations(s: ModelShape, lay: Layout, batch: Batch, mlp_act_stored: bool = True) -> int:
+    sq, b, f, t = batch.seq_length // lay.cp, batch.micro_batch_size, s.ffn_hidden_size, lay.tp
+    t_sp = t if (batch.sequence_parallel and t > 1) else 1
+    mlp = 4 * sq * b * s.hidden_size // t_sp + 2 * sq * b * f * (2 if s.swiglu else 1) // t
     if mlp_act_stored:
         mlp += 2 * sq * b * f // t
-    return attn + mlp
+    return mlp
+
+
+def moe_mlp_activations(s: ModelShape, lay: Layout, batch: Batch) -> int:
+    """A MoE layer's MLP part per micro-batch in place of the dense MLP's: the norm input, the router's
+    fp32 logits, and for the k routed copies of each token their permuted input (2kh), fc1 output
+    (2k * 2f / etp) and SwiGLU output (2kf / etp)."""
+    sq, b = batch.seq_length // lay.cp, batch.micro_batch_size
+    t_sp = lay.tp if (batch.sequence_parallel and lay.tp > 1) else 1
+    k, f, h, etp = s.moe_router_topk, s.moe_ffn_hidden_size, s.hidden_size, lay.expert_tp
+    tokens = sq * b // t_sp
+    return 4 * tokens * h + 4 * tokens * s.num_experts + tokens * k * (2 * h + 6 * f // etp)
 
 
 def stage_activations(s: ModelShape, lay: Layout, batch: Batch, tr: Training, layers: int, last: bool) -> int:
@@ -153,6 +194,10 @@ def stage_activations(s: ModelShape, lay: Layout, batch: Batch, tr: Training, la
         acts = layers * layer_activations(
             s, lay, batch, scores_stored=tr.unfused_attention and not (selective and tr.recompute_core_attn),
             mlp_act_stored=not (selective and tr.recompute_mlp_act))
+        n_moe = stage_moe_layers(s, layers)
+        if n_moe:  # swap the dense MLP part of those layers for the MoE one
+            dense_mlp = dense_mlp_activations(s, lay, batch, not (selective and tr.recompute_mlp_act))
+            acts += n_moe * (moe_mlp_activations(s, lay, batch) - dense_mlp)
     if last:
         if tr.chunked_ce:
             acts += int(CHUNKED_CE_GIB * GIB) + 6 * s.vocab_size * s.hidden_size // lay.tp
@@ -178,9 +223,13 @@ def estimate(s: ModelShape, lay: Layout, batch: Batch, tr: Training, gpu_bytes: 
         first, last = i == 0, i == len(layers) - 1
         p = stage_params(s, lay, n, first, last)
         trained = n * lora_layer_params(s, lay.tp, tr.lora_rank) if tr.lora_rank else p  # LoRA: base frozen
-        optim = trained * optimizer_bytes_per_param(tr)
-        if tr.use_distributed_optimizer:
+        experts = 0 if tr.lora_rank else stage_expert_params(s, lay, n)  # LoRA is not built for MoE
+        optim = (trained - experts) * optimizer_bytes_per_param(tr)
+        expert_optim = experts * optimizer_bytes_per_param(tr)
+        if tr.use_distributed_optimizer:  # dense state over DP x CP, expert state over expert-DP
             optim //= lay.dp * lay.cp
+            expert_optim //= lay.expert_dp
+        optim += expert_optim
         in_flight = min(lay.pp - i, num_micro)   # 1F1B: stage i holds up to pp - i micro-batches
         acts = in_flight * stage_activations(s, lay, batch, tr, n, last)
         est = MemoryEstimate(p, p * tr.dtype_bytes, 4 * trained, optim, acts,

@@ -1,6 +1,7 @@
 """Make a plan: layout (given or --auto) + checks + rank map + memory estimate, from a JobConfig."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,7 @@ def auto_plan(shape: ModelShape, cluster: Cluster, cp: int, batch: Batch, tr: Tr
 
 def make_plan(cfg: Any, cluster: Cluster, gpu_memory_gib: float | None = 80.0, auto: bool = False) -> Plan:
     """The plan for a JobConfig on ``cluster``; raises LayoutError / ValueError with the reason."""
-    shape = load_shape(cfg.model)
+    shape = load_shape(cfg.model, cfg.moe)
     batch, tr = batch_from_config(cfg), training_from_config(cfg)
     gpu_bytes = int(gpu_memory_gib * GIB) if gpu_memory_gib else None
     par = cfg.parallel
@@ -95,4 +96,8 @@ def make_plan(cfg: Any, cluster: Cluster, gpu_memory_gib: float | None = 80.0, a
         return auto_plan(shape, cluster, par.context_parallel_size, batch, tr, gpu_bytes)
     check = make_layout(cluster, par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                         par.context_parallel_size, par.virtual_pipeline_model_parallel_size)
+    moe = cfg.moe
+    if check.layout is not None and (moe.expert_model_parallel_size > 1 or moe.expert_tensor_parallel_size):
+        check.layout = dataclasses.replace(check.layout, ep=moe.expert_model_parallel_size,
+                                           etp=moe.expert_tensor_parallel_size)
     return plan_layout(shape, cluster, check, batch, tr, gpu_bytes)

@@ -38,6 +38,15 @@ def _rank_lines(plan: Plan, max_nodes: int = 2) -> list[str]:
     return lines
 
 
+def _moe_lines(plan: Plan) -> list[str]:
+    s, lay = plan.shape, plan.layout
+    if not s.num_experts:
+        return []
+    return [f"MoE: {s.moe_layers} of {s.num_layers} layers, {s.num_experts} experts (top-{s.moe_router_topk}, "
+            f"ffn {s.moe_ffn_hidden_size}) over EP {lay.ep} x ETP {lay.expert_tp} (expert-DP {lay.expert_dp}); "
+            f"params {s.params() / 1e9:.2f}B total, {s.params(active=True) / 1e9:.2f}B active per token"]
+
+
 def format_plan(plan: Plan) -> str:
     lay, mem, s = plan.layout, plan.memory, plan.shape
     out = [
@@ -45,6 +54,7 @@ def format_plan(plan: Plan) -> str:
         f"[tp({lay.tp}) * pp({lay.pp}) * cp({lay.cp}) * dp({lay.dp}) = {lay.world_size}]",
         f"model: {s.num_layers} layers, hidden {s.hidden_size}, ffn {s.ffn_hidden_size}, "
         f"{s.num_attention_heads} heads / {s.num_query_groups} query groups, vocab {s.vocab_size} ({s.source})",
+        *_moe_lines(plan),
         f"batch: micro {plan.batch.micro_batch_size} x dp {lay.dp} x accumulation "
         f"{plan.batch.global_batch_size // (plan.batch.micro_batch_size * lay.dp)} = global "
         f"{plan.batch.global_batch_size}; seq_length {plan.batch.seq_length}",
@@ -64,7 +74,8 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
     lay, mem = plan.layout, plan.memory
     return {
         "nodes": plan.cluster.nodes, "gpus_per_node": plan.cluster.gpus_per_node,
-        "tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "dp": lay.dp, "vpp": lay.vpp,
+        "tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "dp": lay.dp, "vpp": lay.vpp, "ep": lay.ep, "etp": lay.expert_tp,
+        "params": {"total": plan.shape.params(), "active": plan.shape.params(active=True)},
         "memory_bytes": {"weights": mem.weights, "grads": mem.grads, "optimizer": mem.optimizer,
                          "activations": mem.activations, "total": mem.total, "gpu": mem.gpu_bytes},
         "fits": mem.fits, "warnings": plan.warnings,

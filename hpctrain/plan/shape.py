@@ -29,7 +29,27 @@ class ModelShape:
     disable_bias_linear: bool = True
     qk_layernorm: bool = False
     normalization: str = "RMSNorm"
+    num_experts: int = 0          # MoE: experts per MoE layer (0 = dense model)
+    moe_ffn_hidden_size: int = 0
+    moe_router_topk: int = 0
+    moe_layers: int = 0           # how many of num_layers are MoE layers
     source: str = "explicit fields"
+
+    def layer_mlp_params(self, moe: bool, active: bool = False) -> int:
+        """MLP weights of one layer: dense fc1 + fc2, or (MoE) router + all experts / the top-k."""
+        if not moe:
+            return self.hidden_size * self.ffn_hidden_size * (3 if self.swiglu else 2)
+        experts = self.moe_router_topk if active else self.num_experts
+        return self.num_experts * self.hidden_size + experts * 3 * self.hidden_size * self.moe_ffn_hidden_size
+
+    def params(self, active: bool = False) -> int:
+        """Total (or, for MoE, active-per-token) parameters, embeddings included."""
+        h, a, g, d = self.hidden_size, self.num_attention_heads, self.num_query_groups, self.kv_channels
+        attn = h * (a + 2 * g) * d + a * d * h
+        dense = self.num_layers - self.moe_layers
+        body = self.num_layers * attn + dense * self.layer_mlp_params(False) + \
+            self.moe_layers * self.layer_mlp_params(True, active)
+        return body + self.vocab_size * h * (2 if self.untie_embeddings_and_output_weights else 1)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -51,6 +71,18 @@ _CFG_KEYS = {
     "add_qkv_bias": "add_qkv_bias", "disable_bias_linear": "disable_bias_linear",
     "qk_layernorm": "qk_layernorm", "normalization": "normalization",
 }
+_MOE_KEYS = {"num_experts": "num_experts", "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+             "moe_router_topk": "moe_router_topk"}
+
+
+def _moe_fields(args: dict[str, Any]) -> dict[str, Any]:
+    from hpctrain.model.families.base import moe_pattern
+
+    if not args.get("num_experts"):
+        return {}
+    out = {shape: args[name] for name, shape in _MOE_KEYS.items() if args.get(name)}
+    out["moe_layers"] = sum(moe_pattern(args))
+    return out
 
 
 def shape_fields_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
@@ -60,7 +92,7 @@ def shape_fields_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict
 
     args = model_args(hf, where)
     return {shape: args[name] for name, shape in _CFG_KEYS.items() if name in args} | {
-        "vocab_size": args["vocab_size"]}
+        "vocab_size": args["vocab_size"]} | _moe_fields(args)
 
 
 def complete_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -75,8 +107,9 @@ def complete_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def load_shape(model_cfg: Any) -> ModelShape:
-    """ModelShape from cfg.model: the HF config.json it points at, then explicit field overrides."""
+def load_shape(model_cfg: Any, moe_cfg: Any = None) -> ModelShape:
+    """ModelShape from cfg.model (and cfg.moe): the HF config.json it points at, then explicit field
+    overrides."""
     from hpctrain.checkpoint.locate import model_config_path, read_model_config
 
     fields: dict[str, Any] = {}
@@ -89,6 +122,12 @@ def load_shape(model_cfg: Any) -> ModelShape:
         value = getattr(model_cfg, cfg_name, None)
         if value is not None:
             fields[shape_name] = value
+    if moe_cfg is not None and getattr(moe_cfg, "num_experts", None):
+        over = {name: getattr(moe_cfg, name) for name in _MOE_KEYS if getattr(moe_cfg, name, None) is not None}
+        n = fields.get("num_layers") or getattr(model_cfg, "num_layers", None)
+        over["moe_layer_freq"] = getattr(moe_cfg, "moe_layer_freq", None) or 1
+        if n:
+            fields.update(_moe_fields({**over, "num_layers": n}))
     fields = complete_fields(fields)
     missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size") if k not in fields]
     if missing:

@@ -7,7 +7,8 @@ mfu}, memory/mem_*, timers/{step,data,save}_s, val/{loss,ppl}.
 
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token (forward + backward):
 6 x non-embedding params + 6 x hidden x vocab (output layer) + 6 x layers x hidden x seq
-(attention scores and values, causal counted at half). The peak comes from HPCTRAIN_PEAK_TFLOPS
+(attention scores and values, causal counted at half). For a MoE model the params are the ACTIVE
+ones: a MoE layer counts its router and top-k experts (k x 3 x hidden x moe_ffn), not all experts. The peak comes from HPCTRAIN_PEAK_TFLOPS
 or a table of known GPUs (dense bf16); on the CPU or an unknown device MFU is not reported.
 """
 from __future__ import annotations
@@ -44,14 +45,20 @@ def peak_tflops() -> float | None:
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-    m = cfg.model
+    from hpctrain.model.families.base import moe_pattern
+
+    m, moe = cfg.model, getattr(cfg, "moe", None)
     h, L, V = m.hidden_size, m.num_layers, m.padded_vocab_size
     ffn = m.ffn_hidden_size or 4 * h
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     kv = m.kv_channels or h // heads
     attn = h * heads * kv + 2 * h * groups * kv + heads * kv * h
     mlp = (3 if m.swiglu else 2) * h * ffn
-    non_emb = L * (attn + mlp)
+    pattern = moe_pattern(dict(num_experts=moe.num_experts, num_layers=L, moe_layer_freq=moe.moe_layer_freq or 1)
+                          ) if moe is not None and moe.num_experts else ()
+    n_moe = sum(pattern)
+    active_moe = (moe.moe_router_topk * 3 * h * moe.moe_ffn_hidden_size + h * moe.num_experts) if n_moe else 0
+    non_emb = L * attn + (L - n_moe) * mlp + n_moe * active_moe
     return 6 * non_emb + 6 * h * V + 6 * L * h * seq_len
 
 

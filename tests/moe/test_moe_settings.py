@@ -178,3 +178,22 @@ def test_config_json_fills_the_moe_fields_and_a_set_field_wins(tmp_path):
     assert json.loads(cfg.moe.moe_layer_freq) == [0, 1, 1, 1] and cfg.moe.moe_aux_loss_coeff == 0.001
     assert cfg.moe.moe_router_topk == 4  # set by the user: wins over config.json's 2
     assert cfg.model.qk_layernorm is True and cfg.model.kv_channels == 128
+
+
+def test_mfu_counts_the_active_parameters_of_a_moe_model():
+    """Qwen3-30B-A3B's shape: ~3.3B active parameters per token of ~30B, so the model FLOPs per token
+    are those of ~3B params (6 x active non-embedding + output layer + attention), not of 30B."""
+    from hpctrain.train.logger import flops_per_token
+    flags = ["--num_layers", "48", "--hidden_size", "2048", "--num_attention_heads", "32", "--num_query_groups", "4",
+             "--kv_channels", "128", "--padded_vocab_size", "151936", "--ffn_hidden_size", "6144", "--swiglu", "true"]
+    dense = load_config(None, flags, environ={})
+    moe = load_config(None, flags + ["--num_experts", "128", "--moe_router_topk", "8", "--moe_ffn_hidden_size",
+                                     "768"], environ={})
+    h, L = 2048, 48
+    attn = h * 32 * 128 * 2 + 2 * h * 4 * 128
+    want = 6 * L * (attn + 8 * 3 * h * 768 + h * 128) + 6 * h * 151936 + 6 * L * h * 4096
+    assert flops_per_token(moe, 4096) == want
+    assert flops_per_token(dense, 4096) == 6 * L * (attn + 3 * h * 6144) + 6 * h * 151936 + 6 * L * h * 4096
+    half = load_config(None, flags + ["--num_experts", "128", "--moe_router_topk", "8", "--moe_ffn_hidden_size",
+                                      "768", "--moe_layer_freq", "2"], environ={})
+    assert flops_per_token(half, 4096) == (want + flops_per_token(dense, 4096)) / 2
