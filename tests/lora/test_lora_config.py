@@ -90,3 +90,18 @@ def test_a_refusal_through_the_cli_is_one_line_exit_2(capsys):
 
 def test_cuda_graph_is_refused_with_lora():
     assert "not built for train_type lora" in refused(*LORA, "--cuda_graph_impl", "local", "--lora_dropout", "0")
+
+
+def test_sft_adapters_folder_checked_before_anything_starts(tmp_path, capsys):
+    from hpctrain import cli
+
+    from tiny_hf import make_tiny
+
+    hf = make_tiny("qwen2", tmp_path / "hf", tokenizer="bytes")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert cli.main(["sft", "--model", str(hf), "--train_type", "lora", "--adapters", str(tmp_path / "empty"),
+                     "--dataset", "swift/self-cognition#4", "--model_name", "x", "--model_author", "y",
+                     "--train_iters", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a PEFT adapter folder" in err[0], err
