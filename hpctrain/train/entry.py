@@ -159,6 +159,10 @@ def check_inputs(cfg) -> None:
     for flag, value, needed in (("--load", cfg.model.load, load_needed), ("--model", cfg.model.model, True)):
         if value and needed and not Path(value).exists():
             raise UserError(f"{flag} {value}: no such file or directory")
+    if cfg.tuner.adapters:  # a PEFT folder: read by every rank after the model is built; check it now
+        from hpctrain.model.lora.peft_map import read_adapter
+
+        read_adapter(cfg.tuner.adapters[0])
     hf = find_hf_config(cfg)
     if hf is not None:
         check_json_files(hf.parent)

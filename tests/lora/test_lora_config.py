@@ -99,3 +99,18 @@ def test_lora_on_a_moe_model_is_refused_before_any_adapter_is_made():
     with pytest.raises(ConfigError, match="train_type lora is not built for MoE models"):
         apply_tuner(cfg(*LORA), chunks=[], moe=True)
     apply_tuner(cfg(), chunks=[], moe=True)  # train_type full: nothing to refuse
+
+
+def test_sft_adapters_folder_checked_before_anything_starts(tmp_path, capsys):
+    from hpctrain import cli
+
+    from tiny_hf import make_tiny
+
+    hf = make_tiny("qwen2", tmp_path / "hf", tokenizer="bytes")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert cli.main(["sft", "--model", str(hf), "--train_type", "lora", "--adapters", str(tmp_path / "empty"),
+                     "--dataset", "swift/self-cognition#4", "--model_name", "x", "--model_author", "y",
+                     "--train_iters", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a PEFT adapter folder" in err[0], err
