@@ -93,13 +93,13 @@ for stage in "$@"; do
         --global_batch_size 8 --train_iters 10 --cuda_graph_impl local ;;
     lora)
       say "lora"
-      timeout "$(left)" python3 tools/bench/bench_lora.py --out "$WORK/lora" > "$WORK/lora.log" 2>&1
+      timeout "$(left)" python3 tools/bench/bench_lora.py --out "$WORK/lora" --budget_s "${LORA_BUDGET_S:-240}" > "$WORK/lora.log" 2>&1
       rc=$?
       { echo "# rc=$rc"; cat "$WORK/lora/summary.md" 2>/dev/null; cat "$WORK/lora/bench_lora.jsonl" 2>/dev/null; tail -8 "$WORK/lora.log"; } > "$OUT/lora.txt"
       say "lora rc=$rc" ;;
     moe)
       say "moe"
-      timeout 150 python3 -m pytest -x -q -s -p no:cacheprovider tests/portable/test_portable_moe_gpu.py > "$WORK/moe_test.log" 2>&1
+      timeout "${MOE_TEST_S:-150}" python3 -m pytest -x -q -s -p no:cacheprovider tests/portable/test_portable_moe_gpu.py > "$WORK/moe_test.log" 2>&1
       rc=$?
       b=$(( $(left) - 20 )); [ "$b" -gt 200 ] && b=200
       timeout "$(( b + 20 ))" python3 tools/bench/bench_moe.py --out "$WORK/moe.jsonl" --budget_s "$b" > "$WORK/moe.log" 2>&1
