@@ -107,7 +107,7 @@ def test_precision_tp2_pp2_torchrun(converted, tmp_path):
     from hpctrain.checkpoint.reshard import run as reshard
 
     args = []
-    for kind in KINDS:
+    for kind in (k for k in KINDS if "moe" not in k):  # MoE at EP/TP/PP: tests/moe/test_moe_convert.py
         hf, mc = converted[kind]
         args += ["--hf", str(hf), "--mcore", str(mc)]
     hf, mc = converted["llama3"]

@@ -25,6 +25,7 @@ from hpctrain.checkpoint.export import run as export
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

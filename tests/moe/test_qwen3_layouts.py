@@ -11,7 +11,8 @@ losses must equal the reference's (1e-6 relative) and so must every weight after
 (1e-6 absolute: the updates are ~1e-3, so any wrong gradient shows). Layouts: dense at TP=2+SP, PP=2,
 DP=2 with the distributed optimizer and CP=2; MoE (grouped experts) at EP=2 (DP=2 for the dense
 parts), EP=2 with the distributed optimizer, PP=2, TP=2+SP (ETP=2), TP=2+SP with ETP=1, and
-TP=2 x EP=2 on 4 processes; sequential experts at EP=2. Resume: 10 iterations at EP=2 saving at
+TP=2 x EP=2 on 4 processes (sequential vs grouped experts: tests/moe/test_moe_truth.py, both against
+transformers, and tools/bench/check_moe.py, gradients). Resume: 10 iterations at EP=2 saving at
 iteration 5 == 5 iterations at EP=2 then 5 more resumed at EP=1 (weights 1e-6).
 """
 from pathlib import Path
@@ -38,7 +39,6 @@ LAYOUTS = {
     "dense": {"tp2_sp": SP, "pp2": ["--pipeline_model_parallel_size", "2"],
               "dp2_distopt": ["--use_distributed_optimizer", "true"], "cp2": ["--context_parallel_size", "2"]},
     "moe": {"ep2": EP2, "ep2_distopt": EP2 + ["--use_distributed_optimizer", "true"],
-            "ep2_sequential": EP2 + ["--moe_grouped_gemm", "false"],
             "pp2": ["--pipeline_model_parallel_size", "2"], "tp2_sp": SP,
             "tp2_sp_etp1": SP + ["--expert_tensor_parallel_size", "1"]},
 }
@@ -60,8 +60,6 @@ def runs(tmp_path_factory):
         single += [{"name": f"{shape}-init", "init_only": True, "flags": SHAPES[shape] + [
                         "--save", str(init), "--add_version", "false"]},
                    {"name": f"{shape}-ref", "flags": finetune(shape, init, tmp / f"{shape}-ref", 3)}]
-    single.append({"name": "moe-ref-sequential", "flags": finetune("moe", tmp / "moe-init", tmp / "moe-refseq", 3,
-                                                                     "--moe_grouped_gemm", "false")})
     out = run_plan(tmp, "single", single)
 
     def jobs(table):
@@ -95,11 +93,6 @@ def assert_same_run(ref: dict, got: dict, what: str, iters: int = 3, rel=1e-6, a
 @pytest.mark.parametrize("run", [f"{s}-{lay}" for t in (LAYOUTS, FOUR) for s, lays in t.items() for lay in lays])
 def test_layout_trains_like_the_single_process(runs, run):
     assert_same_run(runs[f"{run.split('-')[0]}-ref"], runs[run], run)
-
-
-def test_sequential_and_grouped_experts_train_alike(runs):
-    """Same checkpoint keys, same numbers: the per-expert loop and the grouped GEMM (torch grouped_mm)."""
-    assert_same_run(runs["moe-ref"], runs["moe-ref-sequential"], "sequential vs grouped")
 
 
 def test_the_moe_model_has_experts_and_dense_layers(runs):
