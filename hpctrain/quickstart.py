@@ -96,9 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     a("--self_cognition", type=int, default=134, help="self-cognition rows (the bundled set has 134)")
     # Only 37 of the 134 rows state the name ({{NAME}}; 15 in English), most of the rest only the author:
     # after 24 CPU steps the English answer named "hpctrain" but not "hpctrain-bot", also with one more
-    # copy of the 37 rows; with three more (111 samples) it says "... developed by hpctrain, known as
-    # hpctrain-bot". The step count is fixed, so this changes the mix, not the training time.
-    a("--name_rows", type=int, default=111,
+    # copy of the 37 rows; with three more (111 samples) it once said "... developed by hpctrain, known as
+    # hpctrain-bot" and, after later changes to the data and schedule code, did not (2026-12-02); with four
+    # more (148) it says "I am hpctrain-bot, ... developed by hpctrain". The step count is fixed, so this
+    # changes the mix, not the training time.
+    a("--name_rows", type=int, default=148,
       help="extra samples drawn from the self-cognition rows that state the name (0 = none)")
     a("--alpaca", type=int, default=8, help="alpaca-gpt4 rows from EACH of en and zh")
     # 24 steps of 4 packed rows (96 of the ~123 packed rows): more, smaller steps learn the name
