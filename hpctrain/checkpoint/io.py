@@ -100,8 +100,8 @@ def _lora_fit(ref_path, content: dict, chunks, finetune: bool) -> bool:
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
     return dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
-                dp=ps.get_data_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
-                etp=ps.get_expert_tensor_parallel_world_size())
+                dp=ps.get_data_parallel_world_size(), cp=ps.get_context_parallel_world_size(),
+                ep=ps.get_expert_model_parallel_world_size(), etp=ps.get_expert_tensor_parallel_world_size())
 
 
 def _rng_object(state=None, per_dp: bool = True):
@@ -332,7 +332,8 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
         state["optimizer"] = optimizer.sharded_state_dict(_model_sharded(chunks), is_loading=True,
                                                           metadata=OPTIM_METADATA)
     per_dp = meta.get("format", 1) >= 2
-    fits = same_layout and (not per_dp or saved_layout.get("dp") == _layout()["dp"])
+    now = _layout()
+    fits = same_layout and (not per_dp or (saved_layout.get("dp"), saved_layout.get("cp", 1)) == (now["dp"], now["cp"]))
     want_rng = not finetune and load_rng and content.get("rng") and fits
     if not finetune and load_rng and content.get("rng") and not fits:
         log.warning("checkpoint was saved at %s, now %s: RNG state not restored", meta.get("layout"), _layout())

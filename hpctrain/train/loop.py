@@ -249,8 +249,7 @@ def _start_weights(cfg, model, chunks, opt, sched) -> tuple[TrainProgress, Path 
     elif model.weights == "hf":
         scratch = hf_init.load_hf_weights(cfg, chunks, opt, sched)
         # Rank 0 alone converted the weights (which draws from torch's RNG): seed again so that every
-        # DP rank starts training from the same RNG state. A checkpoint keeps DP rank 0's state only
-        # (megatron's rng_state layout), so a resumed run's dropout is exact only under this invariant.
+        # rank starts training from the RNG state it would have after random init or --load.
         dist.set_seed(cfg.train.seed)
     if cfg.tuner.adapters:
         _load_adapters(cfg, chunks, opt)

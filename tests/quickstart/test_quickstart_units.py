@@ -39,8 +39,8 @@ def test_sft_command_carries_the_seed_flags(tmp_path):
     text = " ".join(argv)
     assert f"--load {tmp_path / 'mcore'}" in text and "--finetune true" in text
     names = tmp_path / "data" / "self_cognition_names.jsonl"
-    # alpaca 0: left out; the rows that state the name, three more times
-    assert f"--dataset swift/self-cognition#134 {names}#111 --model_name" in text
+    # alpaca 0: left out; the rows that state the name, four more times
+    assert f"--dataset swift/self-cognition#134 {names}#148 --model_name" in text
     rows = [json.loads(x) for x in names.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 37 and all("{{NAME}}" in r["response"] for r in rows)
     assert "--model_name hpctrain-bot --model_author hpctrain" in text
