@@ -207,12 +207,27 @@ def apply_tuner(cfg, chunks: list, impl: str = "local", moe: bool = False) -> No
                           "Engine's (installed here): set transformer_impl = 'local'")
     check_uniform(settings, m.num_layers)
     names = [n for c in chunks for n in apply_lora(c, settings, cfg.train.seed, gated=bool(m.swiglu))]
+    if "layernorm" in (cfg.train.recompute_modules or []) and cfg.train.recompute_granularity == "selective":
+        for c in chunks:
+            _embedding_output_needs_grad(c)
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     total = sum(p.numel() for c in chunks for p in c.parameters())
     log.info("LoRA: rank %d, alpha %g%s on %d linears of this stage (%s); trainable %d of %d parameters "
              "(%.3f%%) on this rank", settings.rank, settings.alpha, " (rslora)" if settings.use_rslora else "",
              len(names), ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})), trainable, total,
              100.0 * trainable / max(total, 1))
+
+
+def _embedding_output_needs_grad(chunk) -> None:
+    """megatron-core's ``layernorm`` recompute (CheckpointWithoutOutput) rebuilds the norm's output in
+    the backward from the input it saved; on the first layer under LoRA that input is the frozen
+    embedding's output, which needs no gradient, so autograd keeps nothing and the recompute fails.
+    Marking that output as needing a gradient (what PEFT's ``enable_input_require_grads`` does for HF
+    gradient checkpointing) costs layer 0's input gradient and no weight gradient."""
+    emb = getattr(chunk, "embedding", None)
+    if emb is None or any(p.requires_grad for p in emb.parameters()):
+        return
+    emb.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
 
 
 def _experts_apart(chunks: list, tcfg) -> None:

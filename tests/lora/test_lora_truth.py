@@ -9,7 +9,8 @@ first global batch of real rows; PEFT computes the same loss on the same batch. 
 * the iteration-1 loss equals PEFT's (abs diff < 1e-5);
 * every LoRA gradient equals PEFT's: B's rows per q/k/v, gate/up part; A's gradient is the sum of
   PEFT's A gradients of the fused parts (one shared A); |diff| <= 1e-6 + 1e-4 |PEFT| - single process,
-  TP=2, TP=2 + sequence parallel, PP=2, DP=2 (gloo; CP=2 is an expected failure, see CP_BUG); with --lora_bias all --modules_to_save
+  TP=2, TP=2 + sequence parallel (also with the layernorm + mlp_act recompute), PP=2, DP=2 (gloo;
+  CP=2 is an expected failure, see CP_BUG); with --lora_bias all --modules_to_save
   embed_tokens lm_head also the biases' and embeddings' gradients;
 * after 3 steps every base weight is bitwise the HF model's (tensor by tensor), the adapters moved;
 * the PEFT-format export (``export --to_hf``) loads with ``peft.PeftModel.from_pretrained`` and gives
@@ -41,7 +42,12 @@ GRAD_LAYOUTS = {"single": [], "tp2": ["--tensor_model_parallel_size", "2"],
                 "tp2sp": ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"],
                 "pp2": ["--pipeline_model_parallel_size", "2"],
                 "dp2": ["--use_distributed_optimizer", "false"],
-                "cp2": ["--context_parallel_size", "2"]}
+                "cp2": ["--context_parallel_size", "2"],
+                # megatron-core's layernorm recompute + ours of the SwiGLU output: the adapters' inputs
+                # are freed and refilled in place; layer 0's norm input is the frozen embedding's output
+                "tp2sp_recompute": ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true",
+                                    "--recompute_granularity", "selective", "--recompute_modules", "core_attn",
+                                    "mlp_act", "layernorm"]}
 
 
 def peft_adapter(hf: Path, out: Path):

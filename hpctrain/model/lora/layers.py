@@ -31,6 +31,8 @@ from megatron.core import tensor_parallel as tpl
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from hpctrain.model.lora.dropout import dropout_linear
+
 
 class _LoraMixin:
     """Mixed into the base linear's class (``as_lora``): its parameters, forward and checkpoint keys."""
@@ -52,18 +54,19 @@ class _LoraMixin:
             whole.sequence_parallel = True  # its grad is a sum over sequence chunks: all-reduced over TP
         self.lora_scaling, self.lora_dropout_p, self._lora_gated = scaling, dropout, gated and column
 
-    def _lora_dropout(self, x: torch.Tensor) -> torch.Tensor:
+    def _lora_down(self, x: torch.Tensor) -> torch.Tensor:
+        """A(dropout(x)); the dropout keeps no copy of x (dropout.py)."""
         if not self.lora_dropout_p or not self.training:
-            return x
+            return F.linear(x, self.lora_A)
         # Each TP rank sees different values when its input is split (row-parallel, or any input
         # under SP): draw from megatron's per-TP-rank stream then; a whole input, from the shared one.
         if isinstance(self, RowParallelLinear) or self._lora_sp:
             with tpl.get_cuda_rng_tracker().fork():
-                return F.dropout(x, self.lora_dropout_p, True)
-        return F.dropout(x, self.lora_dropout_p, True)
+                return dropout_linear(x, self.lora_A, self.lora_dropout_p)
+        return dropout_linear(x, self.lora_A, self.lora_dropout_p)
 
     def _lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self._lora_dropout(x), self.lora_A)
+        h = self._lora_down(x)
         g = self.tp_group
         if isinstance(self, ColumnParallelLinear):
             if self._lora_sp:
