@@ -11,6 +11,9 @@ Variants (each one independent: an error or a timeout is recorded and the next o
                   spec): MoE with grouped experts (torch grouped_mm) and the alltoall dispatcher; chunked
                   output layer + cross entropy; bf16 params, torch fused AdamW
   ours-sequential MoE only: the same with SequentialMLP (per-expert loop)
+  ours+graph      dense only: "ours" with forward + backward captured once as a CUDA graph and replayed
+                  (what the trainer's cuda_graph_impl = "local" does; MoE routing changes shapes, so
+                  MoE runs without it)
   hf-eager        transformers (sdpa attention), experts_implementation="eager" (its per-expert loop)
   hf              transformers with its default experts implementation (grouped_mm in 5.x)
 Same batch for all: micro-batch 4 x 2048 random tokens, one step = forward + backward + AdamW; the MoE
@@ -52,9 +55,10 @@ SHAPES = {
 }
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
-VARIANTS = {"moe": ["ours", "hf-eager", "hf", "ours-sequential"], "dense": ["ours", "hf"]}
+VARIANTS = {"moe": ["ours", "hf-eager", "hf", "ours-sequential"], "dense": ["ours", "hf", "ours+graph"]}
 # Run order: the pairs the targets are about first, so a short budget cuts the extras.
 ORDER = [("moe", "ours"), ("moe", "hf-eager"), ("dense", "ours"), ("dense", "hf"), ("moe", "hf"),
+         ("dense", "ours+graph"),
          ("moe", "ours-sequential")]
 
 
@@ -160,6 +164,15 @@ def step_fn(variant: str, model, ids, labels):
 
 def timed_steps(variant, model, ids, labels, device, warmup: int, steps: int) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    graph = None
+    if variant.endswith("+graph"):
+        if device.type != "cuda":
+            raise RuntimeError("+graph needs CUDA")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_train import capture_forward_backward  # the same capture as bench_train's +graph
+
+        variant = variant.removesuffix("+graph")
+        graph, loss = capture_forward_backward(lambda: step_fn(variant, model, ids, labels), opt)
     times = []
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
@@ -167,9 +180,12 @@ def timed_steps(variant, model, ids, labels, device, warmup: int, steps: int) ->
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = step_fn(variant, model, ids, labels)
-        loss.backward()
+        if graph is not None:
+            graph.replay()  # the grads are rewritten in place: no zero_grad
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = step_fn(variant, model, ids, labels)
+            loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -179,7 +195,25 @@ def timed_steps(variant, model, ids, labels, device, warmup: int, steps: int) ->
               f"loss {float(loss):.3f}", flush=True)
     if not torch.isfinite(loss.detach()):
         raise RuntimeError(f"{variant}: loss is not finite")
+    if PROFILE.get("out") and device.type == "cuda" and graph is None:
+        profile_step(variant, model, ids, labels, opt)
     return times
+
+
+PROFILE: dict = {}  # --profile_out: one more step of each eager variant under torch.profiler
+
+
+def profile_step(variant, model, ids, labels, opt) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        opt.zero_grad(set_to_none=True)
+        step_fn(variant, model, ids, labels).backward()
+        opt.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=70)
+    with open(PROFILE["out"], "a") as f:
+        f.write(f"# {variant} (one step)\n{table}\n")
 
 
 def _alarm(signum, frame):
@@ -199,7 +233,7 @@ def run_variant(kind: str, variant: str, hf: dict, a, device, dtype, matmul) -> 
 
         args = model_args_from_hf(hf, where="bench config")
         if variant.startswith("ours"):
-            model, _ = build_ours(hf, device, dtype, grouped=variant == "ours")
+            model, _ = build_ours(hf, device, dtype, grouped=variant != "ours-sequential")
         else:
             model = build_hf(hf, device, dtype, "eager" if variant == "hf-eager" else None)
             rec["hf_experts_implementation"] = getattr(model.config, "_experts_implementation", None)
@@ -241,11 +275,12 @@ def ratios(records: list[dict]) -> list[dict]:
         ok = {r["variant"]: r for r in records if r["shape"] == kind and r.get("status") == "ok"}
         if "ours" not in ok:
             continue
-        for base in ("hf-eager", "hf"):
-            if base in ok:
-                out.append(dict(shape=kind, summary=f"ours/{base} tokens/s",
-                                ratio=round(ok["ours"]["tokens_per_s"] / ok[base]["tokens_per_s"], 2),
-                                target=3.0 if kind == "moe" else 1.3))
+        for ours in ("ours", "ours+graph"):
+            for base in ("hf-eager", "hf"):
+                if ours in ok and base in ok:
+                    out.append(dict(shape=kind, summary=f"{ours}/{base} tokens/s",
+                                    ratio=round(ok[ours]["tokens_per_s"] / ok[base]["tokens_per_s"], 2),
+                                    target=3.0 if kind == "moe" else 1.3))
     return out
 
 
@@ -260,7 +295,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--shapes", default="moe,dense")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, seq 64, fp32")
+    p.add_argument("--profile_out", help="append a torch.profiler table of one more step per eager variant here")
     a = p.parse_args(argv)
+    PROFILE["out"] = a.profile_out
     if a.tiny:
         a.seq, a.micro_batch, a.steps, a.warmup = 64, 2, 2, 1
     start = time.perf_counter()

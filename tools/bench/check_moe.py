@@ -59,7 +59,7 @@ def init(device: torch.device) -> None:
     os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
     compat.apply(device.type)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)  # "cuda" has no index: set_device needs one
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     hdist.init_model_parallel(seed=1234)
 

@@ -2,6 +2,7 @@
 # The closing GPU lease of the 2026-12-02 session, one H200, in two calls (each < 10 min):
 #   call A:  bash tools/bench/gpu_final.sh setup fast mfu7b m019   (the lean trainer after the merges; 0.19.2)
 #   call B:  bash tools/bench/gpu_final.sh setup lora moe          (issues 20 and 21)
+#   (next session) call C: LORA_VARIANTS=... bash tools/bench/gpu_final.sh setup checkmoe dense lora
 # Stages (results under $OUT, at most 8 files come back: each stage writes one file, <stage>.txt,
 # with every JSON record / log tail it produced):
 #   fast   tests/train/test_trainer_gpu_fast.py: plain vs fast (CUDA graph) `hpctrain sft`, 0.5B shape,
@@ -12,6 +13,9 @@
 #   mfu7b  the same shape at 12 layers with the whole-step CUDA graph (MFU)
 #   lora   tools/bench/bench_lora.py (issue 20)
 #   moe    tests/portable/test_portable_moe_gpu.py + tools/bench/bench_moe.py (issue 21)
+#   gputests  every test marked gpu under tests/portable (attention, cross entropy, MoE experts)
+#   checkmoe  tools/bench/check_moe.py --device cuda alone, its whole output kept (what the moe test runs)
+#   dense  tools/bench/bench_moe.py --shapes dense: ours, HF, ours+graph (issue 21's dense target)
 #   m019   megatron-core 0.19.2 from .whl019/: the portable + fast GPU tests and one bench_train run
 # Wheels: .whl/ (megatron-core 0.16.1 cp312, liger-kernel 0.8.5), .whl019/ (megatron-core 0.19.2).
 set -uo pipefail
@@ -93,7 +97,8 @@ for stage in "$@"; do
         --global_batch_size 8 --train_iters 10 --cuda_graph_impl local ;;
     lora)
       say "lora"
-      timeout "$(left)" python3 tools/bench/bench_lora.py --out "$WORK/lora" --budget_s "${LORA_BUDGET_S:-240}" > "$WORK/lora.log" 2>&1
+      timeout "$(left)" python3 tools/bench/bench_lora.py --out "$WORK/lora" --budget_s "${LORA_BUDGET_S:-240}" \
+        ${LORA_VARIANTS:+--variants "$LORA_VARIANTS"} > "$WORK/lora.log" 2>&1
       rc=$?
       { echo "# rc=$rc"; cat "$WORK/lora/summary.md" 2>/dev/null; cat "$WORK/lora/bench_lora.jsonl" 2>/dev/null; tail -8 "$WORK/lora.log"; } > "$OUT/lora.txt"
       say "lora rc=$rc" ;;
@@ -107,6 +112,25 @@ for stage in "$@"; do
       { echo "# test rc=$rc bench rc=$rc2"; grep "^{" "$WORK/moe_test.log"; tail -3 "$WORK/moe_test.log";
         cat "$WORK/moe.jsonl" 2>/dev/null; grep -v "^{" "$WORK/moe.log" | tail -25; } > "$OUT/moe.txt"
       say "moe rc=$rc/$rc2" ;;
+    gputests)
+      say "gputests"
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/portable > "$WORK/gputests.log" 2>&1
+      rc=$?
+      { echo "# rc=$rc"; tail -40 "$WORK/gputests.log"; } > "$OUT/gputests.txt"
+      say "gputests rc=$rc" ;;
+    checkmoe)
+      say "checkmoe"
+      timeout "${MOE_TEST_S:-150}" python3 tools/bench/check_moe.py --device cuda > "$WORK/checkmoe.log" 2>&1
+      rc=$?
+      { echo "# rc=$rc"; grep "^{" "$WORK/checkmoe.log"; grep -v "^{" "$WORK/checkmoe.log" | tail -60; } > "$OUT/checkmoe.txt"
+      say "checkmoe rc=$rc" ;;
+    dense)
+      say "dense"
+      timeout 150 python3 tools/bench/bench_moe.py --shapes dense --out "$WORK/dense.jsonl" --budget_s 130 \
+        ${DENSE_PROFILE:+--profile_out "$OUT/dense_profile.txt"} > "$WORK/dense.log" 2>&1
+      rc=$?
+      { echo "# rc=$rc"; cat "$WORK/dense.jsonl" 2>/dev/null; grep -v "^{" "$WORK/dense.log" | tail -30; } > "$OUT/dense.txt"
+      say "dense rc=$rc" ;;
     m019)
       install .whl019
       say "m019"
