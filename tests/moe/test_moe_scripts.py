@@ -30,9 +30,11 @@ def test_bench_moe_tiny_runs_every_variant(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     recs = [json.loads(l) for l in out.read_text().splitlines()]
-    runs = [r for r in recs if "variant" in r]
+    runs = [r for r in recs if "variant" in r and not r["status"].startswith("skipped")]
     assert {(r["shape"], r["variant"]) for r in runs} == {("moe", "ours"), ("moe", "hf-eager"), ("moe", "hf"),
                                                          ("moe", "ours-sequential"), ("dense", "ours"), ("dense", "hf")}
+    skipped = [r for r in recs if "variant" in r and r["status"].startswith("skipped")]
+    assert [(r["variant"], r["status"]) for r in skipped] == [("ours+graph", "skipped (CUDA graphs need CUDA)")]
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in runs), runs
     assert [r["summary"] for r in recs if "summary" in r] == ["ours/hf-eager tokens/s", "ours/hf tokens/s",
                                                              "ours/hf tokens/s"]

@@ -310,7 +310,9 @@ def main(argv=None) -> int:
         if kind not in shapes:
             continue
         left = a.budget_s - (time.perf_counter() - start)
-        if left < min(a.variant_timeout_s, 20.0):
+        if variant.endswith("+graph") and device.type != "cuda":
+            rec = dict(shape=kind, variant=variant, status="skipped (CUDA graphs need CUDA)")
+        elif left < min(a.variant_timeout_s, 20.0):
             rec = dict(shape=kind, variant=variant, status=f"skipped (budget: {left:.0f} s left)")
         else:
             a.variant_timeout_s = min(a.variant_timeout_s, left)
