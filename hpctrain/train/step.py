@@ -106,7 +106,9 @@ def forward_step(device, data_iterator, model):
         ids, pos, labels, psp = _device_inputs(b, device)
     loss_mask = labels != IGNORE
     extra = {"padding_mask": _moe_padding_mask(b, ids, model)} if _is_moe(model) and "_graph" not in b else {}
-    out = model(ids, pos, None, labels=labels.masked_fill(~loss_mask, 0), packed_seq_params=psp, **extra)
+    # loss_mask: the chunked cross entropy makes its gradients for a mean over these tokens
+    out = model(ids, pos, None, labels=labels.masked_fill(~loss_mask, 0), packed_seq_params=psp,
+                loss_mask=loss_mask, **extra)
     return out, partial(loss_func, loss_mask)
 
 

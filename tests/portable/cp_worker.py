@@ -106,7 +106,8 @@ def check_tp_cross_entropy(world):
     hidden = torch.randn(s, b, h, generator=g, dtype=torch.float64)
     weight = torch.randn(VOCAB, h, generator=g, dtype=torch.float64)
     labels = torch.randint(0, VOCAB, (b, s), generator=g)
-    coef = torch.rand(b, s, generator=g, dtype=torch.float64)
+    mask = torch.rand(b, s, generator=g) > 0.25
+    coef = mask.double() / mask.sum()  # the trainer's loss: a mean over the counted tokens
     ref_h, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logits = (ref_h @ ref_w.t()).transpose(0, 1).reshape(-1, VOCAB)
     ref = torch.nn.functional.cross_entropy(logits, labels.reshape(-1), reduction="none").view(b, s)
@@ -115,7 +116,7 @@ def check_tp_cross_entropy(world):
     w_local = weight[rank * vs:(rank + 1) * vs].float().requires_grad_()
     h_local = hidden[rank * ss:(rank + 1) * ss].float().requires_grad_()
     loss = chunked_vocab_parallel_cross_entropy(h_local, w_local, labels, tp_group=tp_group,
-                                                sequence_parallel=True, chunk_tokens=4)
+                                                sequence_parallel=True, chunk_tokens=4, loss_mask=mask)
     (loss * coef.float()).sum().backward()
     torch.testing.assert_close(loss.double(), ref.detach(), **TOL)
     torch.testing.assert_close(h_local.grad.double(), ref_h.grad[rank * ss:(rank + 1) * ss], **TOL)
