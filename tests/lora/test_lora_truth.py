@@ -20,13 +20,12 @@ first global batch of real rows; PEFT computes the same loss on the same batch. 
   the same losses and bitwise the same checkpoint as the uninterrupted run.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from plan_worker import run_plan
 from tiny_hf import make_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "truth"))
@@ -35,7 +34,6 @@ from truth_refs import data_file, first_batch  # noqa: E402
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 GRAD_LAYOUTS = {"single": [], "tp2": ["--tensor_model_parallel_size", "2"],
@@ -44,10 +42,11 @@ GRAD_LAYOUTS = {"single": [], "tp2": ["--tensor_model_parallel_size", "2"],
                 "dp2": ["--use_distributed_optimizer", "false"],
                 "cp2": ["--context_parallel_size", "2"],
                 # megatron-core's layernorm recompute + ours of the SwiGLU output: the adapters' inputs
-                # are freed and refilled in place; layer 0's norm input is the frozen embedding's output
+                # are freed and refilled in place; layer 0's norm input is the frozen embedding's output;
+                # and the chunked vocab-parallel cross entropy under sequence parallel
                 "tp2sp_recompute": ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true",
                                     "--recompute_granularity", "selective", "--recompute_modules", "core_attn",
-                                    "mlp_act", "layernorm"]}
+                                    "mlp_act", "layernorm", "--cross_entropy_loss_fusion", "true"]}
 
 
 def peft_adapter(hf: Path, out: Path):
@@ -69,7 +68,8 @@ def peft_adapter(hf: Path, out: Path):
     return out
 
 
-EXTRAS = ["--lora_bias", "all", "--modules_to_save", "embed_tokens", "lm_head"]
+# (with the chunked output layer + cross entropy: its lm_head and input gradients against PEFT's)
+EXTRAS = ["--lora_bias", "all", "--modules_to_save", "embed_tokens", "lm_head", "--cross_entropy_loss_fusion", "true"]
 
 
 def peft_reference(hf: Path, adapter: Path, batch: list, extras: bool = False) -> dict:
@@ -99,19 +99,7 @@ def peft_reference(hf: Path, adapter: Path, batch: list, extras: bool = False) -
 
 
 def run_worker(tmp: Path, tag: str, runs: list, nproc: int) -> dict:
-    out = tmp / tag
-    out.mkdir()
-    plan = tmp / f"{tag}.json"
-    plan.write_text(json.dumps({"runs": runs, "out": str(out)}))
-    cmd = [sys.executable, str(HERE / "lora_worker.py"), str(plan)]
-    if nproc > 1:
-        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
-        env.pop(k, None)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"{tag} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return json.loads((out / "results.json").read_text())
+    return run_plan(HERE / "lora_worker.py", tmp, tag, runs, nproc)
 
 
 @pytest.fixture(scope="module")
@@ -231,10 +219,20 @@ def _hf_logits(model, ids):
         return model(ids).logits[0].float()
 
 
-def test_peft_export_loads_in_peft_with_our_logits(lora, tmp_path):
+def _peft_vs_ours(lora, adapter: Path, run: str) -> float:
+    """Max abs difference between peft's logits (the HF base + ``adapter``) and our trained run's."""
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(lora["hf"]), dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.load(lora["tmp"] / "eval.pt", weights_only=True)
+    ours = torch.load(lora["tmp"] / "single" / f"{run}.logits.pt", weights_only=True)[0, :, :300]
+    return (_hf_logits(model, ids) - ours).abs().max().item()
+
+
+def test_peft_export_loads_in_peft_with_our_logits(lora, tmp_path):
+    from safetensors.torch import load_file
 
     from hpctrain.checkpoint.export import run as export
 
@@ -242,11 +240,7 @@ def test_peft_export_loads_in_peft_with_our_logits(lora, tmp_path):
     out = tmp_path / "adapter"
     assert export(["--mcore_model", str(root), "--to_hf", "true", "--output_dir", str(out), "--no_progress"]) == 0
     assert sorted(p.name for p in out.glob("adapter_*")) == ["adapter_config.json", "adapter_model.safetensors"]
-    base = AutoModelForCausalLM.from_pretrained(str(lora["hf"]), dtype=torch.float32).eval()
-    model = PeftModel.from_pretrained(base, str(out)).eval()
-    ids = torch.load(lora["tmp"] / "eval.pt", weights_only=True)
-    ours = torch.load(lora["tmp"] / "single" / "train.logits.pt", weights_only=True)[0, :, :300]
-    diff = (_hf_logits(model, ids) - ours).abs().max().item()
+    diff = _peft_vs_ours(lora, out, "train")
     print(f"PEFT-format export: max abs logit diff {diff:.2e}")
     assert diff < 1e-4
     beside = load_file(str(root / "checkpoint-3" / "adapter_model.safetensors"))  # save_safetensors
@@ -341,16 +335,9 @@ def test_frozen_base_has_no_grad_buffers_or_optimizer_state(lora, run):
 
 def test_bias_and_modules_to_save_export_loads_in_peft_with_our_logits(lora):
     """The PEFT files of a --lora_bias all --modules_to_save run (save_safetensors) give our logits in peft."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     adapter = Path(lora["results"]["extras"]["save_dir"]) / "checkpoint-2"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["bias"] == "all" and cfg["modules_to_save"] == ["embed_tokens", "lm_head"]
-    base = AutoModelForCausalLM.from_pretrained(str(lora["hf"]), dtype=torch.float32).eval()
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    ids = torch.load(lora["tmp"] / "eval.pt", weights_only=True)
-    ours = torch.load(lora["tmp"] / "single" / "extras.logits.pt", weights_only=True)[0, :, :300]
-    diff = (_hf_logits(model, ids) - ours).abs().max().item()
+    diff = _peft_vs_ours(lora, adapter, "extras")
     print(f"bias + modules_to_save export: max abs logit diff {diff:.2e}")
     assert diff < 1e-4

@@ -14,13 +14,12 @@ single process with the per-expert loop, with the grouped GEMM and with the allg
 under torchrun (gloo, 2 processes) at EP=2 (alltoall), TP=2 + SP (experts split by ETP = TP) and PP=2.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from plan_worker import run_plan
 from tiny_hf import make_tiny
 
 HERE = Path(__file__).resolve().parent
@@ -39,22 +38,7 @@ MULTI = {"ep2": ["--expert_model_parallel_size", "2"],
 
 
 def run_worker(tmp: Path, tag: str, runs: list, nproc: int) -> dict:
-    out = tmp / tag
-    out.mkdir()
-    plan = tmp / f"{tag}.json"
-    plan.write_text(json.dumps({"runs": runs, "out": str(out)}))
-    cmd = [sys.executable, str(HERE / "moe_truth_worker.py"), str(plan)]
-    if nproc > 1:
-        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
-        env.pop(k, None)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"{tag} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    results = json.loads((out / "results.json").read_text())
-    for name, r in results.items():
-        r["logits"] = torch.load(out / f"{name}.pt", weights_only=True)
-    return results
+    return run_plan(HERE / "moe_truth_worker.py", tmp, tag, runs, nproc, logits=True)
 
 
 @pytest.fixture(scope="module")

@@ -19,22 +19,18 @@ Single process, then TP=2 and PP=2 under torchrun (gloo), all cases of a layout 
 group. SmolLM2 (9 heads / 3 KV heads) cannot split over TP=2: it runs single process and at PP=2.
 Tolerances: fp32 on CPU, measured max abs logit diffs are 0 to 4e-7 (tiny) against the 1e-3 bound.
 """
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from plan_worker import run_plan
 from tiny_hf import make_tiny, old_style, smollm2_gguf
 from truth_refs import data_file, export_mcore, first_batch, hf_reference
 
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 TOL = 1e-3
 KINDS = ("qwen2", "qwen2_tied", "llama3", "qwen3")
 LAYOUTS = {"tp2": ["--tensor_model_parallel_size", "2"], "pp2": ["--pipeline_model_parallel_size", "2"]}
@@ -72,22 +68,7 @@ def write_case(root: Path, name: str, hf: Path, data: Path, cases: dict) -> None
 
 
 def run_worker(tmp: Path, tag: str, runs: list, nproc: int) -> dict:
-    out = tmp / tag
-    out.mkdir()
-    plan = tmp / f"{tag}.json"
-    plan.write_text(json.dumps({"runs": runs, "out": str(out)}))
-    cmd = [sys.executable, str(HERE / "truth_worker.py"), str(plan)]
-    if nproc > 1:
-        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
-        env.pop(k, None)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    assert p.returncode == 0, f"{tag} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    results = json.loads((out / "results.json").read_text())
-    for name, r in results.items():
-        r["logits"] = torch.load(out / f"{name}.pt", weights_only=True)
-    return results
+    return run_plan(HERE / "truth_worker.py", tmp, tag, runs, nproc, timeout=1500, logits=True)
 
 
 @pytest.fixture(scope="module")

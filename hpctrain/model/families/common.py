@@ -92,6 +92,19 @@ def rope_scaling(hf: Mapping[str, Any], where: str) -> tuple[str, dict] | None:
     return found[0] if found else None
 
 
+def refuse_qwen_unbuilt(hf: Mapping[str, Any], where: str, family: str) -> None:
+    """What no Qwen mapping here builds: sliding-window attention and scaled RoPE (YaRN and others:
+    megatron-core has neither per-layer windows nor those scalings here)."""
+    if flag(hf, "use_sliding_window", where, False):
+        raise HfConfigError(f"{where}: use_sliding_window = true is not supported (megatron-core has no "
+                            "per-layer sliding window here); set it to false in config.json")
+    rs = rope_scaling(hf, where)
+    if rs:
+        raise HfConfigError(f"{where}: {rs[0]} asks for {rs[1].get('rope_type', rs[1].get('type'))!r} "
+                            f"RoPE scaling, which the {family} mapping does not support (megatron-core has no "
+                            "YaRN here); remove the scaling from config.json")
+
+
 def dtype(hf: Mapping[str, Any], where: str) -> tuple[str | None, str | None]:
     """(dtype name, the key that gave it): ``dtype`` (5.x) or ``torch_dtype`` (4.x); (None, None)
     when config.json names none. An unknown or contradictory dtype is refused."""

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from hpctrain.model.families.base import QKV, Direct, Family, GatedMLP, HfConfigError
-from hpctrain.model.families.common import decoder_args, rope_scaling
+from hpctrain.model.families.base import QKV, Direct, Family, GatedMLP
+from hpctrain.model.families.common import decoder_args, refuse_qwen_unbuilt
 
 RULES = (
     Direct("embedding.word_embeddings.weight", "model.embed_tokens.weight", vocab=True),
@@ -27,14 +27,7 @@ RULES = (
 
 def config_map(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """HF config.json -> Megatron model arguments (cfg.model field names)."""
-    if hf.get("use_sliding_window"):
-        raise HfConfigError(f"{where}: use_sliding_window = true is not supported (megatron-core has no "
-                            "per-layer sliding window here); set it to false in config.json")
-    rs = rope_scaling(hf, where)
-    if rs:
-        raise HfConfigError(f"{where}: {rs[0]} asks for {rs[1].get('rope_type', rs[1].get('type'))!r} "
-                            "RoPE scaling, which the Qwen2 mapping does not support (megatron-core has no "
-                            "YaRN here); remove the scaling from config.json")
+    refuse_qwen_unbuilt(hf, where, "Qwen2")
     args = decoder_args(hf, where)
     args["add_qkv_bias"] = True  # Qwen2 always has q/k/v biases (config.json has no key for it)
     return args

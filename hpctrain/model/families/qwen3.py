@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from hpctrain.model.families.base import QKV, Direct, Family, GatedMLP, HfConfigError
-from hpctrain.model.families.common import decoder_args, flag, rope_scaling
+from hpctrain.model.families.common import decoder_args, flag, refuse_qwen_unbuilt
 
 ATTENTION = (
     Direct("decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
@@ -43,14 +43,7 @@ def qwen3_args(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     if flag(hf, "attention_bias", where, False):
         raise HfConfigError(f"{where}: attention_bias = true is not supported (megatron-core has no bias on "
                             "the output projection next to add_qkv_bias); only attention_bias = false converts")
-    if flag(hf, "use_sliding_window", where, False):
-        raise HfConfigError(f"{where}: use_sliding_window = true is not supported (megatron-core has no "
-                            "per-layer sliding window here); set it to false in config.json")
-    rs = rope_scaling(hf, where)
-    if rs:
-        raise HfConfigError(f"{where}: {rs[0]} asks for {rs[1].get('rope_type', rs[1].get('type'))!r} "
-                            "RoPE scaling, which the Qwen3 mapping does not support (megatron-core has no "
-                            "YaRN here); remove the scaling from config.json")
+    refuse_qwen_unbuilt(hf, where, "Qwen3")
     args = decoder_args(hf, where, head_dim_default=HEAD_DIM_DEFAULT)
     args["add_qkv_bias"] = False
     args["qk_layernorm"] = True
