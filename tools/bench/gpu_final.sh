@@ -114,9 +114,10 @@ for stage in "$@"; do
       say "moe rc=$rc/$rc2" ;;
     gputests)
       say "gputests"
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/portable > "$WORK/gputests.log" 2>&1
+      HPCTRAIN_GPU_RESULTS=$WORK timeout 300 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:--m gpu tests/portable} \
+        > "$WORK/gputests.log" 2>&1
       rc=$?
-      { echo "# rc=$rc"; tail -40 "$WORK/gputests.log"; } > "$OUT/gputests.txt"
+      { echo "# rc=$rc"; tail -40 "$WORK/gputests.log"; for f in "$WORK"/fast-*.jsonl; do [ -f "$f" ] && { echo "# $f"; tail -4 "$f"; }; done; } > "$OUT/gputests.txt"
       say "gputests rc=$rc" ;;
     checkmoe)
       say "checkmoe"
