@@ -5,7 +5,8 @@ PLAN: {"runs": [{"name", "flags", "batch": micro-batches .pt, "eval": ids .pt (o
                  "grads": bool, "resume_from": name, "resume_at": N}], "out": DIR}
 
 * ``grads``: after the first train step (run with clip_grad 0), each trainable parameter's reduced
-  gradient (megatron's ``main_grad``, what the optimizer steps with) is copied into the parameter and the model saved as
+  gradient (megatron's ``main_grad``, what the optimizer steps with; its shards gathered under the
+  distributed optimizer) is copied into the parameter and the model saved as
   a torch_dist checkpoint in OUT/<name>.grads: the test reads whole tensors back with the
   checkpoint reader (TP/PP layout undone by megatron's own sharded state dict).
 * ``eval``: the logits of the trained model on these ids after the run (single process only).
@@ -44,9 +45,27 @@ def unwrap(chunk):
     return chunk
 
 
+def gather_sharded_grads(chunks):
+    """With the distributed optimizer, megatron-core's DDP reduce-scatters each bucket's gradients:
+    only this rank's shard of ``grad_data`` holds the reduced values, the rest keep its own local
+    ones. All-gather the reduced shards so every ``main_grad`` is the whole reduced gradient."""
+    import torch.distributed as tdist
+
+    for c in chunks:
+        for bg in list(getattr(c, "bucket_groups", [])) + list(getattr(c, "expert_parallel_bucket_groups", [])):
+            if not bg.ddp_config.use_distributed_optimizer:
+                continue
+            group, size = bg.intra_distributed_optimizer_instance_group, bg.intra_distributed_optimizer_instance_size
+            for bucket in bg.buckets:
+                shards = list(bucket.grad_data.view(size, -1).unbind(0))
+                mine = shards[group.rank()].clone()
+                tdist.all_gather(shards, mine, group=group)
+
+
 def save_grads(chunks, where: Path):
     from hpctrain.checkpoint import io
 
+    gather_sharded_grads(chunks)
     with torch.no_grad():
         for c in chunks:
             for p in unwrap(c).parameters():
