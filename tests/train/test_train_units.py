@@ -51,7 +51,7 @@ def test_packed_forward_plans_attention_from_host_offsets(monkeypatch):
     attention._PLAN_CACHE.clear()
     seen = {}
 
-    def model(ids, pos, mask, labels=None, packed_seq_params=None):
+    def model(ids, pos, mask, labels=None, packed_seq_params=None, loss_mask=None):
         key_cu = packed_seq_params.cu_seqlens_q
         seen["plans"] = [k for k in attention._PLAN_CACHE if k[0] == (key_cu.data_ptr(), key_cu._version)]
         return torch.zeros(ids.shape)
