@@ -95,6 +95,8 @@ class TrainLogger:
                    elapsed_s=time.time() - self.start)
         if params_norm is not None:
             rec["params_norm"] = params_norm
+        if res.load_balancing_loss is not None:  # MoE: megatron-core's aux loss, before its coefficient
+            rec["load_balancing_loss"] = res.load_balancing_loss
         if self.cfg.log.log_throughput:
             rec.update(metrics.throughput(res.seq_tokens, step_time, self.world, flops_per_token(self.cfg, seq_len),
                                           peak_tflops()))
@@ -111,7 +113,8 @@ class TrainLogger:
 
     def _tb_scalars(self, r: dict) -> dict:
         lg = self.cfg.log
-        out = {"train/loss": r["loss"], "train/grad_norm": r["grad_norm"], "train/params_norm": r.get("params_norm")}
+        out = {"train/loss": r["loss"], "train/grad_norm": r["grad_norm"], "train/params_norm": r.get("params_norm"),
+               "train/load_balancing_loss": r.get("load_balancing_loss")}
         if not lg.no_log_learning_rate_to_tensorboard:
             out["train/lr"] = r["lr"]
         if lg.log_throughput:
@@ -137,6 +140,8 @@ class TrainLogger:
         parts = [f"iter {r['iteration']}/{self.total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}", f"grad_norm {gn}"]
         if "params_norm" in r:
             parts.append(f"params_norm {r['params_norm']:.3f}")
+        if "load_balancing_loss" in r:
+            parts.append(f"load_balancing_loss {r['load_balancing_loss']:.4f}")
         if "tokens_per_s_per_gpu" in r:
             parts += [f"tokens/s/gpu {r['tokens_per_s_per_gpu']:.1f}", f"TFLOP/s/gpu {r['tflops_per_gpu']:.1f}",
                       f"mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else "mfu n/a"]

@@ -26,7 +26,7 @@ from hpctrain.checkpoint.io import TrainProgress
 from hpctrain.checkpoint.lock import SaveLock
 from hpctrain.errors import UserError, disk_full_in
 from hpctrain.files import copy_atomic, space_problem, tree_bytes
-from hpctrain.train import children, cuda_graph, dist, hf_init, metrics, model_setup, model_source, optim, step
+from hpctrain.train import children, cuda_graph, dist, hf_init, metrics, model_setup, model_source, moe_metrics, optim, step
 from hpctrain.train.logger import TrainLogger
 from hpctrain.train.profiling import StepProfiler
 from hpctrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
@@ -289,6 +289,7 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
     eval_every = cfg.eval.eval_interval or ck.save_interval
     losses, last_ckpt, saved_at = [], None, None
     prof = StepProfiler(cfg, save_dir, info.is_main)
+    moe_aux = moe_metrics.has_aux_loss(chunks)
 
     def save():
         nonlocal last_ckpt, saved_at
@@ -317,6 +318,8 @@ def _loop(cfg, chunks, opt, sched, progress, source, valid, info, n_micro, iters
             except NonFiniteError as e:  # say which checkpoint to go back to
                 raise NonFiniteError(f"{e} {nonfinite_advice(save_dir, cfg, progress.iteration + 1)}") from None
             step_time = time.time() - t0
+            if moe_aux:  # every rank: collectives
+                res.load_balancing_loss = moe_metrics.load_balancing_loss(chunks, len(mbs), info.device)
             progress.iteration += 1
             prof.after(progress.iteration)
             progress.consumed_train_samples += t.global_batch_size

@@ -30,6 +30,7 @@ class StepResult:
     grad_norm: float | None
     update_ok: bool
     lr: float
+    load_balancing_loss: float | None = None  # MoE models: set by the loop (train/moe_metrics.py)
 
 
 def pad_microbatches(mbs: list[dict], multiple: int, same_length: bool,

@@ -31,7 +31,10 @@ pytestmark = pytest.mark.slow
 TOL = 1e-3
 MODELS = {"moe": ("qwen3_moe", "v5"), "mixed": ("qwen3_moe_mixed", "old")}
 SINGLE = {"seq": ["--moe_grouped_gemm", "false"], "grouped": ["--moe_grouped_gemm", "true"],
-          "allgather": ["--moe_token_dispatcher_type", "allgather"]}
+          "allgather": ["--moe_token_dispatcher_type", "allgather"],
+          # the routers run again in the backward: the logged aux loss must not count them twice
+          "recompute": ["--recompute_granularity", "full", "--recompute_method", "uniform",
+                        "--recompute_num_layers", "1"]}
 MULTI = {"ep2": ["--expert_model_parallel_size", "2"],
          "tp2": ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"],
          "pp2": ["--pipeline_model_parallel_size", "2"]}
@@ -39,6 +42,25 @@ MULTI = {"ep2": ["--expert_model_parallel_size", "2"],
 
 def run_worker(tmp: Path, tag: str, runs: list, nproc: int) -> dict:
     return run_plan(HERE / "moe_truth_worker.py", tmp, tag, runs, nproc, logits=True)
+
+
+@torch.no_grad()
+def hf_load_balancing(hf: Path, batch: list) -> float:
+    """What the trainer logs as load_balancing_loss, from transformers' router: per MoE layer and
+    micro-batch, ``load_balancing_loss_func`` on that layer's router logits divided by top-k (docs/moe.md:
+    HF = k x megatron per layer), averaged over the micro-batches and then over the layers."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    c = model.config
+    per_mb = []
+    for b in batch:
+        logits = model(b["input_ids"], position_ids=b["position_ids"], output_router_logits=True).router_logits
+        per_mb.append([float(load_balancing_loss_func((lg,), c.num_experts, c.num_experts_per_tok))
+                       / c.num_experts_per_tok for lg in logits])
+    per_layer = torch.tensor(per_mb, dtype=torch.float64).mean(0)
+    return float(per_layer.mean())
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +71,7 @@ def truth(tmp_path_factory):
     for name, (kind, style) in MODELS.items():
         hf = make_tiny(kind, tmp / name, style=style, tokenizer="bytes")
         batch = first_batch(str(hf), data)
-        refs[name] = hf_reference(hf, batch)
+        refs[name] = dict(hf_reference(hf, batch), load_balancing_loss=hf_load_balancing(hf, batch))
         torch.save(batch, tmp / f"{name}.batch.pt")
         torch.save(refs[name]["eval_ids"], tmp / f"{name}.eval.pt")
         mc = export_mcore(hf, tmp / f"{name}-mcore")
@@ -79,6 +101,17 @@ def test_trainer_moe_gives_the_hf_logits_and_loss(truth, run):
     assert diff < TOL, f"{run}: max abs logit diff {diff:.2e}"
     assert torch.equal(hf.argmax(-1), mc.argmax(-1)), f"{run}: argmax differs"
     assert abs(got["loss"] - ref["loss"]) < TOL, f"{run}: iteration-1 loss {got['loss']} vs HF {ref['loss']}"
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_logged_load_balancing_loss_equals_hf_router_loss(truth, run):
+    """logging.jsonl's load_balancing_loss at iteration 1 against transformers' router on the same
+    micro-batches (fp64 sums of fp32 values: 1e-5 relative), at every layout."""
+    refs, results = truth
+    want, got = refs[run.split("-")[0]]["load_balancing_loss"], results[run]["load_balancing_loss"]
+    assert got is not None, f"{run}: no load_balancing_loss in logging.jsonl"
+    print(f"{run}: load_balancing_loss {got:.8f} vs HF {want:.8f}")
+    assert got == pytest.approx(want, rel=1e-5), f"{run}: logged {got} vs HF {want}"
 
 
 def test_args_json_records_the_moe_shape_of_config_json(truth):

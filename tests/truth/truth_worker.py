@@ -69,8 +69,10 @@ def main():
         if captured["logits"] is not None:
             torch.save(captured["logits"], out / f"{name}.pt")
         args = json.loads((Path(res.save_dir) / "args.json").read_text())
+        first = json.loads((Path(res.save_dir) / "logging.jsonl").read_text().splitlines()[0]) \
+            if tdist.get_rank() == 0 else {}
         results[name] = dict(loss=res.losses[0], model=args["model"], precision=args["precision"],
-                             moe=args.get("moe"))
+                             moe=args.get("moe"), load_balancing_loss=first.get("load_balancing_loss"))
     if tdist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.destroy()
