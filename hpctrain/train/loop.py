@@ -26,7 +26,8 @@ from hpctrain.checkpoint.io import TrainProgress
 from hpctrain.checkpoint.lock import SaveLock
 from hpctrain.errors import UserError, disk_full_in
 from hpctrain.files import copy_atomic, space_problem, tree_bytes
-from hpctrain.train import children, cuda_graph, dist, hf_init, metrics, model_setup, model_source, moe_metrics, optim, step
+from hpctrain.train import (children, cuda_graph, dist, hf_init, metrics, model_setup, model_source, moe_metrics,
+                            optim, step)
 from hpctrain.train.logger import TrainLogger
 from hpctrain.train.profiling import StepProfiler
 from hpctrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
