@@ -94,7 +94,7 @@ def test_lora_pipeline_exports_the_adapter_and_asks_with_it(tmp_path, monkeypatc
     opts, extra = qs._parser().parse_known_args(["--train_type", "lora", "--lora_rank", "4"])
     stages = {s.key: s for s in qs.build_stages(opts, tmp_path, "m.gguf", extra)}
     sft = " ".join(stages["sft"].argv)
-    assert "--train_type lora --lora_rank 4 --lora_alpha 32" in sft and "--lr 0.002" in sft
+    assert "--train_type lora --lora_rank 4 --lora_alpha 32" in sft and "--lr 0.003" in sft
     assert "--test_convert_precision" not in stages["to_hf"].argv  # it compares full models
     assert stages["after"].argv[-2:] == ["--adapters", str(tmp_path / "hf")] and "m.gguf" in stages["after"].argv
     from hpctrain.config import config_from_argv
