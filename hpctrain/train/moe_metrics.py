@@ -17,7 +17,9 @@ NAME = "load_balancing_loss"
 
 
 def has_aux_loss(chunks: list) -> bool:
-    cfg = _config(chunks[0])
+    from megatron.core.utils import get_model_config
+
+    cfg = get_model_config(chunks[0])
     return bool(getattr(cfg, "num_moe_experts", None)) and bool(cfg.moe_aux_loss_coeff) \
         and cfg.moe_router_load_balancing_type == "aux_loss"
 
@@ -26,8 +28,11 @@ def load_balancing_loss(chunks: list, num_microbatches: int, device: torch.devic
     """The step's value (every rank takes part: collectives); clears the tracker for the next step."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.utils import get_model_config
 
-    cfg = _config(chunks[0])
+    from hpctrain.model.portable.spec import moe_layer_pattern
+
+    cfg = get_model_config(chunks[0])
     entry = get_moe_layer_wise_logging_tracker().get(NAME)
     values = (entry["values"].detach().to(torch.float64) if entry is not None
               else torch.zeros(cfg.num_layers + (cfg.mtp_num_layers or 0), dtype=torch.float64, device=device))
@@ -37,18 +42,5 @@ def load_balancing_loss(chunks: list, num_microbatches: int, device: torch.devic
     if entry is not None:
         entry["values"].zero_()
     values = values / (num_microbatches * ps.get_data_parallel_world_size())
-    return float(values[_moe_layers(cfg)].mean())
-
-
-def _moe_layers(cfg) -> list[int]:
-    """Indices of the MoE layers: moe_layer_freq as an int (every N-th layer) or a 0/1 list."""
-    freq = cfg.moe_layer_freq
-    if isinstance(freq, int):
-        return [i for i in range(cfg.num_layers) if i % freq == 0]
-    return [i for i, moe in enumerate(freq) if moe]
-
-
-def _config(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk.config
+    moe = [i for i, is_moe in enumerate(moe_layer_pattern(cfg)) if is_moe]
+    return float(values[moe].mean())
