@@ -158,10 +158,8 @@ def _add_wgrad(acc: torch.Tensor | None, gt: torch.Tensor, xc: torch.Tensor) -> 
     (torch.profiler, docs/benchmarks.md). Elsewhere, or where that addmm is missing: product, cast, add."""
     if gt.is_cuda and gt.dtype in (torch.bfloat16, torch.float16) and _FP32_OUT.get("ok", True):
         try:
-            out = (torch.mm(gt, xc, out_dtype=torch.float32) if acc is None
-                   else torch.addmm(acc, gt, xc, out_dtype=torch.float32))
-            _FP32_OUT["ok"] = True
-            return out
+            return (torch.mm(gt, xc, out_dtype=torch.float32) if acc is None
+                    else torch.addmm(acc, gt, xc, out_dtype=torch.float32))
         except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm's out_dtype
             _FP32_OUT["ok"] = False
     prod = (gt @ xc).float()
