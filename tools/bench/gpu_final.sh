@@ -3,6 +3,10 @@
 #   call A:  bash tools/bench/gpu_final.sh setup fast mfu7b m019   (the lean trainer after the merges; 0.19.2)
 #   call B:  bash tools/bench/gpu_final.sh setup lora moe          (issues 20 and 21)
 #   (next session) call C: LORA_VARIANTS=... bash tools/bench/gpu_final.sh setup checkmoe dense lora
+# 2026-12-04 (issue 21's dense target; raw in docs/gpu-results/2026-12-04/):
+#   DENSE_PROFILE=1 bash tools/bench/gpu_final.sh setup dense
+#   DENSE_ARGS="--steps 12 --warmup 3" bash tools/bench/gpu_final.sh setup moe dense
+#   DENSE_ARGS="--steps 20 --warmup 3" bash tools/bench/gpu_final.sh setup dense dense_sft
 # Stages (results under $OUT, at most 8 files come back: each stage writes one file, <stage>.txt,
 # with every JSON record / log tail it produced):
 #   fast   tests/train/test_trainer_gpu_fast.py: plain vs fast (CUDA graph) `hpctrain sft`, 0.5B shape,
@@ -15,7 +19,10 @@
 #   moe    tests/portable/test_portable_moe_gpu.py + tools/bench/bench_moe.py (issue 21)
 #   gputests  every test marked gpu under tests/portable (attention, cross entropy, MoE experts)
 #   checkmoe  tools/bench/check_moe.py --device cuda alone, its whole output kept (what the moe test runs)
-#   dense  tools/bench/bench_moe.py --shapes dense: ours, HF, ours+graph (issue 21's dense target)
+#   dense  tools/bench/bench_moe.py --shapes dense: ours, HF, ours+graph (issue 21's dense target;
+#          DENSE_ARGS adds bench_moe flags, e.g. "--steps 12 --warmup 3")
+#   dense_sft  `hpctrain sft` itself on that Qwen3-1.7B shape (8 layers, packed real data, mb 4 x 2048),
+#          eager and with --cuda_graph_impl local: what the trainer gives of the benchmark's figure
 #   m019   megatron-core 0.19.2 from .whl019/: the portable + fast GPU tests and one bench_train run
 # Wheels: .whl/ (megatron-core 0.16.1 cp312, liger-kernel 0.8.5), .whl019/ (megatron-core 0.19.2).
 set -uo pipefail
@@ -127,11 +134,22 @@ for stage in "$@"; do
       say "checkmoe rc=$rc" ;;
     dense)
       say "dense"
+      rm -f "$WORK/dense.jsonl"  # bench_moe appends: a warm machine would report the last call's rows again
       timeout 150 python3 tools/bench/bench_moe.py --shapes dense --out "$WORK/dense.jsonl" --budget_s 130 \
-        ${DENSE_PROFILE:+--profile_out "$OUT/dense_profile.txt"} > "$WORK/dense.log" 2>&1
+        ${DENSE_PROFILE:+--profile_out "$OUT/dense_profile.txt"} ${DENSE_ARGS:-} > "$WORK/dense.log" 2>&1
       rc=$?
       { echo "# rc=$rc"; cat "$WORK/dense.jsonl" 2>/dev/null; grep -v "^{" "$WORK/dense.log" | tail -30; } > "$OUT/dense.txt"
       say "dense rc=$rc" ;;
+    dense_sft)
+      d=$WORK/qwen3_1.7b_L8
+      mkdir -p "$d" && cp "$ROOT"/tests/fixtures/qwen2.5-tokenizer/* "$d/"
+      python3 -c "import json, sys; sys.path.insert(0, 'tools/bench'); import bench_moe as b; \
+c = b.hf_config('dense', False); c['dtype'] = 'bfloat16'; json.dump(c, open('$d/config.json', 'w'), indent=1)"
+      for g in none local; do
+        sft "dense_sft_graph_$g" "$d" 110 --micro_batch_size 4 --global_batch_size 8 --train_iters 16 \
+          --cuda_graph_impl "$g"
+      done
+      mv "$OUT/mem7b.txt" "$OUT/dense_sft.txt" 2>/dev/null ;;
     m019)
       install .whl019
       say "m019"
