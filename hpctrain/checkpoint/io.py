@@ -63,9 +63,9 @@ def _has_lora(chunks) -> bool:
 
 def _bare(c):
     """The GPTModel inside the DDP / Float16Module wrappers."""
-    while hasattr(c, "module"):
-        c = c.module
-    return c
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(c)
 
 
 def _lora_meta(chunks) -> dict | None:

@@ -61,6 +61,7 @@ def load_adapters(cfg, chunks: list, path: str) -> None:
     """Copy the PEFT adapter at ``path`` into the LoRA modules of ``chunks``."""
     from hpctrain.model.lora import lora_settings, peft_map
     from hpctrain.model.lora.apply import lora_modules
+    from megatron.core.utils import unwrap_model
 
     settings = lora_settings(cfg.tuner, tied=not cfg.model.untie_embeddings_and_output_weights)
     state, acfg = peft_map.read_adapter(path)
@@ -70,9 +71,7 @@ def load_adapters(cfg, chunks: list, path: str) -> None:
                           "pass --model HF_DIR")
     g, n = _geometry(cfg.model), 0
     for chunk in chunks:
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
-        for name, module in lora_modules(chunk):
+        for name, module in lora_modules(unwrap_model(chunk)):
             keys = [f"{name}.lora_A", f"{name}.lora_B"]
             full = peft_map.from_peft(state, cfg.model.model_type, g, keys, f"--adapters {path}")
             with torch.no_grad():

@@ -123,12 +123,11 @@ def _moe_padding_mask(b: dict, ids: torch.Tensor, model) -> torch.Tensor:
     gradients) do not depend on the layout. A later pipeline stage with sequence parallel gets its
     TP rank's slice (GPTModel only scatters the mask on the first stage)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
 
     pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
     mask = pos >= b.get("pad_start", ids.shape[1])
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
+    inner = unwrap_model(model)
     if not getattr(inner, "pre_process", True) and inner.config.sequence_parallel:
         tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         n = mask.shape[1] // tp
