@@ -7,6 +7,8 @@
 #   DENSE_PROFILE=1 bash tools/bench/gpu_final.sh setup dense
 #   DENSE_ARGS="--steps 12 --warmup 3" bash tools/bench/gpu_final.sh setup moe dense
 #   DENSE_ARGS="--steps 20 --warmup 3" bash tools/bench/gpu_final.sh setup dense dense_sft
+#   GPU_TESTS="<the four single-GPU test files>" bash tools/bench/gpu_final.sh setup gputests
+#   bash tools/bench/gpu_final.sh setup fast hf mfu7b      (issue 16's figures with the new cross entropy)
 # Stages (results under $OUT, at most 8 files come back: each stage writes one file, <stage>.txt,
 # with every JSON record / log tail it produced):
 #   fast   tests/train/test_trainer_gpu_fast.py: plain vs fast (CUDA graph) `hpctrain sft`, 0.5B shape,
