@@ -67,7 +67,7 @@ EOF
   echo "$d"
 }
 
-sft() {  # sft NAME MODEL_DIR SECONDS FLAGS...: one `hpctrain sft`; its last record -> mem7b.txt
+sft() {  # sft NAME MODEL_DIR SECONDS FLAGS...: one `hpctrain sft`; its last records -> $OUT/${SFT_TXT:-mem7b.txt}
   local name=$1 model=$2 secs=$3; shift 3
   local rem; rem=$(left); [ "$rem" -lt "$secs" ] && secs=$rem
   [ "$secs" -lt 30 ] && { say "SKIPPED (budget): $name"; return; }
@@ -77,8 +77,8 @@ sft() {  # sft NAME MODEL_DIR SECONDS FLAGS...: one `hpctrain sft`; its last rec
      --model_author hpctrain --max_length 2048 --packing true --cross_entropy_loss_fusion true \
      --torch_dtype bfloat16 --lr 1e-5 --lr_warmup_iters 2 --save "$WORK/$name" --add_version false \
      --save_interval 1000 --no_save_optim true --log_interval 1 "$@") > "$WORK/$name.log" 2>&1 \
-     || { say "sft $name FAILED rc=$?"; tail -5 "$WORK/$name.log" >> "$OUT/mem7b.txt"; }
-  [ -f "$WORK/$name/logging.jsonl" ] && { echo "# $name $*"; grep tokens_per_s "$WORK/$name/logging.jsonl" | tail -3; } >> "$OUT/mem7b.txt"
+     || { say "sft $name FAILED rc=$?"; tail -5 "$WORK/$name.log" >> "$OUT/${SFT_TXT:-mem7b.txt}"; }
+  [ -f "$WORK/$name/logging.jsonl" ] && { echo "# $name $*"; grep tokens_per_s "$WORK/$name/logging.jsonl" | tail -3; } >> "$OUT/${SFT_TXT:-mem7b.txt}"
 }
 
 for stage in "$@"; do
@@ -148,10 +148,9 @@ for stage in "$@"; do
       python3 -c "import json, sys; sys.path.insert(0, 'tools/bench'); import bench_moe as b; \
 c = b.hf_config('dense', False); c['dtype'] = 'bfloat16'; json.dump(c, open('$d/config.json', 'w'), indent=1)"
       for g in none local; do
-        sft "dense_sft_graph_$g" "$d" 110 --micro_batch_size 4 --global_batch_size 8 --train_iters 16 \
+        SFT_TXT=dense_sft.txt sft "dense_sft_graph_$g" "$d" 110 --micro_batch_size 4 --global_batch_size 8 --train_iters 16 \
           --cuda_graph_impl "$g"
-      done
-      mv "$OUT/mem7b.txt" "$OUT/dense_sft.txt" 2>/dev/null ;;
+      done ;;
     m019)
       install .whl019
       say "m019"
