@@ -51,7 +51,10 @@ def _model_sharded(chunks) -> dict:
 
 
 def _unwrap(c):
-    return getattr(c, "module", c)
+    """The GPTModel inside the DDP / Float16Module wrappers."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(c)
 
 
 LORA_SUFFIXES = (".lora_A", ".lora_B")
@@ -61,16 +64,9 @@ def _has_lora(chunks) -> bool:
     return any(n.endswith(LORA_SUFFIXES) for c in chunks for n, _ in _unwrap(c).named_parameters())
 
 
-def _bare(c):
-    """The GPTModel inside the DDP / Float16Module wrappers."""
-    from megatron.core.utils import unwrap_model
-
-    return unwrap_model(c)
-
-
 def _lora_meta(chunks) -> dict | None:
     """The LoRA settings (model/lora/settings.py) the adapters were trained with, for the export."""
-    s = getattr(_bare(chunks[0]), "lora_settings", None)
+    s = getattr(_unwrap(chunks[0]), "lora_settings", None)
     if s is None:
         return None
     return dict(rank=s.rank, alpha=s.alpha, dropout=s.dropout, use_rslora=s.use_rslora, bias=s.bias,
@@ -343,7 +339,7 @@ def load_checkpoint(path, chunks, optimizer=None, scheduler=None, finetune: bool
     loaded = dist_checkpointing.load(state, str(ref.path))
     for i, c in enumerate(chunks):
         # the bare model: megatron-core's Float16Module.load_state_dict returns nothing
-        missing, unexpected = _bare(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+        missing, unexpected = _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
         missing = [k for k in missing if not (k.endswith(LORA_SUFFIXES) and not with_lora)]
         if missing or unexpected:
             raise RuntimeError(f"{ref.path}: loading the model state failed: missing {missing[:4]}, "
